@@ -1,0 +1,99 @@
+"""The FastAPI app factory. Settings, clients and policies are built in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from server.config import TurnoutConfig, load_config
+from server.errors import install_handlers
+from server.proxy import handle_completion
+from server.state import GatewayState
+from server.workers import Health
+
+CONFIG_ENV = "TURNOUT_CONFIG"
+
+
+def create_app(
+    config: TurnoutConfig | None = None,
+    *,
+    config_path: str | Path | None = None,
+    client: httpx.AsyncClient | None = None,
+    health_checks: bool = True,
+) -> FastAPI:
+    """Build the gateway app from a config object, a config file, or the file named by `TURNOUT_CONFIG`.
+
+    `client` replaces the pooled upstream client (tests use it to reach in-process fakes);
+    `health_checks=False` skips the background health polling.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cfg = config
+        if cfg is None:
+            path = config_path or os.environ.get(CONFIG_ENV)
+            if not path:
+                raise RuntimeError(f"no config: pass --config FILE or set {CONFIG_ENV}")
+            cfg = load_config(path)
+        state = GatewayState.build(cfg, client)
+        app.state.gateway = state
+        app.state.started_at = time.time()
+        if health_checks:
+            state.health.start()
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
+
+    def gw(request: Request) -> GatewayState:
+        state: GatewayState = request.app.state.gateway
+        return state
+
+    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI protocol)")
+    async def chat_completions(request: Request) -> Response:
+        return await handle_completion("chat", request, gw(request))
+
+    @app.post("/v1/completions", summary="Create a text completion (OpenAI protocol)")
+    async def completions(request: Request) -> Response:
+        return await handle_completion("completions", request, gw(request))
+
+    @app.get("/v1/models", summary="Served models and routing policies")
+    async def models(request: Request) -> JSONResponse:
+        created = int(request.app.state.started_at)
+        data = [
+            {"id": mid, "object": "model", "created": created, "owned_by": "turnout"}
+            for mid in gw(request).table.model_ids()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="At least one worker is reachable")
+    async def readyz(request: Request) -> JSONResponse:
+        registry = gw(request).registry
+        workers = {
+            w.name: {"model": w.model, "health": w.health.value, "in_flight": w.in_flight,
+                     "error": w.last_error}
+            for w in registry.workers.values()
+        }
+        ready = any(w.health is Health.UP for w in registry.workers.values())
+        return JSONResponse({"ready": ready, "workers": workers}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gw(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

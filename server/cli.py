@@ -1,0 +1,64 @@
+"""The `turnout` command: run the gateway and check configs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from server.app import CONFIG_ENV, create_app
+from server.config import ConfigError, load_config
+
+app = typer.Typer(help="Turnout: a multi-LLM query-routing gateway.", no_args_is_help=True)
+err = Console(stderr=True)
+
+
+@app.command("check-config")
+def check_config(file: Annotated[Path, typer.Argument(help="YAML config to validate")]) -> None:
+    """Validate a config file; list every problem and exit 1 if there are any."""
+    try:
+        cfg = load_config(file)
+    except ConfigError as exc:
+        err.print(f"[red]{file}: {len(exc.problems)} problem(s)[/red]")
+        for p in exc.problems:
+            err.print(f"  - {p}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    typer.echo(f"{file}: ok ({len(cfg.workers)} workers, {len(cfg.policies)} policies, "
+               f"default policy: {cfg.default_policy or 'none'})")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help=f"YAML config (default: ${CONFIG_ENV})")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8080,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    access_log: Annotated[bool, typer.Option(help="uvicorn's access log (the request log is separate)")] = False,
+) -> None:
+    """Run the gateway."""
+    path = config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if path is None:
+        err.print(f"[red]no config: pass --config FILE or set {CONFIG_ENV}[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = load_config(path)  # fail fast, before binding the port
+    except ConfigError as exc:
+        err.print(f"[red]{path}: {len(exc.problems)} problem(s)[/red]")
+        for p in exc.problems:
+            err.print(f"  - {p}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    logging.basicConfig(level=log_level.upper(), format="%(message)s")
+    # httpx logs every upstream request at INFO; the request log already has one line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=access_log,
+                timeout_graceful_shutdown=30)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,198 @@
+"""The gateway's YAML config: schema (pydantic, `extra="forbid"`), cross-checks, and loading.
+
+Every problem is reported at once: schema errors from pydantic and cross-reference errors (unique names,
+references to workers that exist, a default policy that exists) are gathered into one `ConfigError`.
+Secrets never live here: a worker names the environment variable that holds its API key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from routers.registry import REGISTRY
+from routers.specs import PolicySpec
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` lists every problem found, one line each."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Model):
+    """USD per 1M tokens."""
+
+    input_per_1m: Annotated[float, Field(ge=0)] = 0.0
+    output_per_1m: Annotated[float, Field(ge=0)] = 0.0
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What these token counts cost at this price."""
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+class WorkerConfig(_Model):
+    """One OpenAI-compatible upstream (a vLLM server). Several workers may serve one model."""
+
+    name: str = Field(pattern=_NAME, max_length=64)
+    model: str = Field(min_length=1, max_length=256)
+    base_url: str
+    price: Price = Price()
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    health_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8091/v1, got {v!r}")
+        return v.rstrip("/")
+
+    def resolved_health_url(self) -> str:
+        """Where the health check looks: `health_url`, else the OpenAI `models` listing."""
+        return self.health_url or f"{self.base_url}/models"
+
+
+class UpstreamConfig(_Model):
+    """Timeouts and pool limits of the one shared HTTP client to the workers."""
+
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    pool_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_keepalive_connections: Annotated[int, Field(ge=0)] = 200
+    keepalive_expiry_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ServerConfig(_Model):
+    """Limits and housekeeping of the gateway itself."""
+
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    health_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+
+
+class TurnoutConfig(_Model):
+    """The whole gateway config. Build it with `load_config`/`parse_config` to get the cross-checks."""
+
+    workers: list[WorkerConfig] = Field(min_length=1)
+    policies: dict[Annotated[str, Field(pattern=_NAME)], PolicySpec] = Field(default_factory=dict)
+    default_policy: str | None = None
+    upstream: UpstreamConfig = UpstreamConfig()
+    server: ServerConfig = ServerConfig()
+
+    def worker(self, name: str) -> WorkerConfig:
+        """The worker called `name` (KeyError if none)."""
+        for w in self.workers:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _schema_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        # Drop the discriminator tag pydantic inserts into union locations (e.g. "fixed").
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _POLICY_TYPES))
+        problems.append(f"{_loc(loc)}: {err['msg']}")
+    return problems
+
+
+_POLICY_TYPES = set(REGISTRY)
+
+
+def _policy_targets(spec: Any) -> list[str]:
+    """Names a policy refers to, read leniently from raw YAML so it works even when the schema fails."""
+    if not isinstance(spec, dict):
+        return []
+    targets: list[str] = []
+    if isinstance(spec.get("worker"), str):
+        targets.append(spec["worker"])
+    if isinstance(spec.get("weights"), dict):
+        targets.extend(str(k) for k in spec["weights"])
+    return targets
+
+
+def _cross_problems(raw: dict[str, Any]) -> list[str]:
+    """References between sections, checked on the raw mapping so every problem shows at once."""
+    problems: list[str] = []
+    raw_workers = raw.get("workers")
+    workers: list[Any] = raw_workers if isinstance(raw_workers, list) else []
+    names: list[str] = [w["name"] for w in workers if isinstance(w, dict) and isinstance(w.get("name"), str)]
+    models: set[str] = {w["model"] for w in workers if isinstance(w, dict) and isinstance(w.get("model"), str)}
+    for name, n in Counter(names).items():
+        if n > 1:
+            problems.append(f"workers: name {name!r} is used by {n} workers; names must be unique")
+    # Replicas of one model must agree on its price, else cost accounting depends on load balancing.
+    prices: dict[str, Any] = {}
+    for w in workers:
+        if isinstance(w, dict) and isinstance(w.get("model"), str):
+            price = w.get("price")
+            if w["model"] in prices and prices[w["model"]] != price:
+                problems.append(f"workers: replicas of model {w['model']!r} have different prices")
+            prices.setdefault(w["model"], price)
+    raw_policies = raw.get("policies")
+    policies: dict[str, Any] = raw_policies if isinstance(raw_policies, dict) else {}
+    known: set[str] = set(names) | models
+    for pname, spec in policies.items():
+        if pname in known:
+            problems.append(f"policies.{pname}: a policy may not share its name with a worker or model")
+        for target in _policy_targets(spec):
+            if target not in known:
+                problems.append(f"policies.{pname}: unknown worker or model {target!r} (known: {sorted(known)})")
+    default = raw.get("default_policy")
+    if default is not None and default not in policies:
+        problems.append(f"default_policy: unknown policy {default!r} (known: {sorted(policies)})")
+    return problems
+
+
+def parse_config(raw: Any, source: str = "config") -> TurnoutConfig:
+    """Validate a mapping (parsed YAML) into a `TurnoutConfig`, or raise `ConfigError` listing all problems."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(top level): expected a mapping, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    config: TurnoutConfig | None = None
+    try:
+        config = TurnoutConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_schema_problems(exc))
+    problems.extend(_cross_problems(raw))
+    if problems or config is None:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path) -> TurnoutConfig:
+    """Read and validate a YAML config file; `ConfigError` for a missing file, bad YAML or bad content."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], str(p)) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"], str(p)) from exc
+    return parse_config(raw, str(p))

@@ -1,0 +1,180 @@
+"""The one place that decides status codes and error bodies.
+
+Every error leaves the gateway in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+Third-party exceptions are mapped here at the boundary, so handlers raise `GatewayError` and never
+build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("turnout.errors")
+
+
+class GatewayError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | int | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def sse_event(self) -> bytes:
+        """The error as a final server-sent event, for failures after a stream has started."""
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+
+def bad_request(message: str, param: str | None = None) -> GatewayError:
+    """400: the request is malformed or violates the schema."""
+    return GatewayError(400, message, param=param, code="invalid_request")
+
+
+def model_not_found(model: str) -> GatewayError:
+    """404: `model` names no worker, served model or policy."""
+    return GatewayError(
+        404,
+        f"The model '{model}' does not exist. Use a worker or model name, 'auto', or 'turnout/<policy>' "
+        "(GET /v1/models lists them).",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def payload_too_large(limit: int) -> GatewayError:
+    """413: the body exceeds the configured limit."""
+    return GatewayError(413, f"Request body exceeds the limit of {limit} bytes.", code="payload_too_large")
+
+
+def no_worker_available(model: str) -> GatewayError:
+    """503: every worker serving `model` is down."""
+    return GatewayError(
+        503, f"No healthy worker is serving '{model}'.", type="server_error", code="no_healthy_worker",
+        headers={"retry-after": "5"},
+    )
+
+
+def upstream_unreachable(worker: str) -> GatewayError:
+    """502: the worker could not be reached (connection refused, reset before an answer)."""
+    return GatewayError(
+        502, f"Worker '{worker}' is unreachable.", type="server_error", code="upstream_unreachable"
+    )
+
+
+def upstream_timeout(worker: str) -> GatewayError:
+    """504: the worker did not answer in time."""
+    return GatewayError(504, f"Worker '{worker}' timed out.", type="server_error", code="upstream_timeout")
+
+
+def upstream_stream_error(worker: str, detail: str) -> GatewayError:
+    """An error that ended a stream after it had started (sent as a final SSE event)."""
+    return GatewayError(
+        502, f"Worker '{worker}' failed mid-stream: {detail}", type="server_error", code="upstream_stream_error"
+    )
+
+
+def from_httpx(exc: httpx.HTTPError, worker: str) -> GatewayError:
+    """Map an httpx exception raised while talking to `worker`."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return upstream_timeout(worker)
+    return upstream_unreachable(worker)
+
+
+def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayError:
+    """Map a worker's non-2xx answer: 4xx passes through with its message, 5xx becomes 502."""
+    message, etype, param, code = _upstream_error_fields(content)
+    if 400 <= status < 500:
+        return GatewayError(
+            status,
+            message or f"Worker '{worker}' answered {status}.",
+            type=etype or "invalid_request_error",
+            param=param,
+            code=code if code is not None else status,
+        )
+    return GatewayError(
+        502,
+        f"Worker '{worker}' answered {status}" + (f": {message}" if message else "."),
+        type="server_error",
+        code="upstream_error",
+    )
+
+
+def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str | None, Any]:
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        text = content.decode("utf-8", "replace").strip()
+        return (text[:500] or None, None, None, None)
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        msg = err.get("message")
+        return (str(msg) if msg is not None else None, err.get("type"), err.get("param"), err.get("code"))
+    if isinstance(data, dict) and isinstance(data.get("message"), str):  # vLLM's older flat shape
+        return (data["message"], data.get("type"), data.get("param"), data.get("code"))
+    return (None, None, None, None)
+
+
+def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """The JSON response for `err`, with any extra headers (e.g. the request id)."""
+    return Response(
+        orjson.dumps(err.body()),
+        status_code=err.status,
+        media_type="application/json",
+        headers={**err.headers, **(headers or {})},
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error the app can produce, including the framework's own, OpenAI-shaped."""
+
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc, getattr(request.state, "turnout_headers", None))
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(bad_request(f"{loc}: {first.get('msg', 'invalid')}", loc or None))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = GatewayError(exc.status_code, str(exc.detail), code=code)
+        return error_response(err, dict(exc.headers or {}))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug: log the traceback for the operator, but never send it to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        err = GatewayError(500, "Internal error in the gateway.", type="server_error", code="internal_error")
+        return error_response(err, getattr(request.state, "turnout_headers", None))
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,124 @@
+"""OpenAI request schemas, used to validate what the gateway relies on and to name the bad field.
+
+Validation is deliberately partial: known fields are type-checked, unknown fields (vLLM's extra
+sampling parameters, future OpenAI fields) are allowed and forwarded untouched, because the gateway
+forwards the client's own JSON, not a re-serialised model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from server.errors import GatewayError, bad_request
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    """One part of a multi-part message content."""
+
+    type: StrictStr
+
+
+class ChatMessage(_Open):
+    """A chat message; content may be text, a list of parts, or absent (assistant tool calls)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[TextPart] | None = None
+
+
+class StreamOptions(_Open):
+    """`stream_options`; the gateway always asks the worker for usage."""
+
+    include_usage: StrictBool | None = None
+
+
+class _Sampling(_Open):
+    model: StrictStr = Field(min_length=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    user: StrictStr | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """`POST /v1/chat/completions` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    """`POST /v1/completions` body."""
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic puts union member tags such as `str` or `list[TextPart]` into error locations."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or not part.isidentifier())
+
+
+def validate_body(schema: type[_Sampling], body: Any) -> _Sampling:
+    """Validate a decoded JSON body; a `GatewayError` 400 naming the first bad field otherwise."""
+    if not isinstance(body, dict):
+        raise bad_request(f"Request body must be a JSON object, got {type(body).__name__}.")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # Union members each report an error; the shortest location is the field the client wrote.
+        first = min(errors, key=lambda e: len(e["loc"]))
+        loc = tuple(p for p in first["loc"] if not _is_union_tag(p))
+        param = _param(loc)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text a policy sees: the last user message (chat) or the prompt (completions)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for msg in reversed(messages):
+            if isinstance(msg, dict) and msg.get("role") == "user":
+                return content_text(msg.get("content"))
+        return ""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return str(prompt[0])
+    return ""
+
+
+def content_text(content: Any) -> str:
+    """Plain text of a message content (a string or a list of text parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "GatewayError",
+    "content_text",
+    "prompt_text",
+    "validate_body",
+]

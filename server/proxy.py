@@ -1,0 +1,240 @@
+"""Forwarding one chat or text completion to a worker, streaming or not, and accounting for it.
+
+The client's own JSON is forwarded (only `model` and `stream_options` are rewritten), so unknown
+fields such as vLLM's extra sampling parameters reach the worker unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+from server.accounting import Exchange
+from server.errors import (
+    GatewayError,
+    bad_request,
+    error_response,
+    from_httpx,
+    from_upstream_status,
+    payload_too_large,
+    upstream_stream_error,
+)
+from server.protocol import ChatCompletionRequest, CompletionRequest, prompt_text, validate_body
+from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
+from server.state import GatewayState
+from server.workers import Worker
+
+ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
+    "chat": ("/chat/completions", ChatCompletionRequest),
+    "completions": ("/completions", CompletionRequest),
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise payload_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise payload_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a JSON body; 400 with the parser's reason when it is not JSON."""
+    if not raw.strip():
+        raise bad_request("Request body is empty; expected a JSON object.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+
+
+async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Response:
+    """Serve `POST /v1/chat/completions` (`kind="chat"`) or `POST /v1/completions`."""
+    path, schema = ENDPOINTS[kind]
+    ex = Exchange(request_id=uuid.uuid4().hex, endpoint=kind)
+    gw.metrics.in_flight.inc()
+    streaming = False
+    try:
+        body = decode_json(await read_body(request, gw.config.server.max_body_bytes))
+        req = validate_body(schema, body)
+        ex.stream = bool(req.stream)
+        table = gw.table  # one snapshot for the whole request, whatever a reload does meanwhile
+        selection = table.select(req.model, ex.request_id, prompt_text(body))
+        ex.policy = selection.policy
+        ex.reason = selection.decision.reason if selection.decision else None
+        worker = gw.registry.pick(selection.target)
+        ex.worker, ex.model = worker.name, worker.model
+        body["model"] = worker.model
+        if ex.stream:
+            client_opts = body.get("stream_options") or {}
+            wants_usage = bool(client_opts.get("include_usage"))
+            # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
+            body["stream_options"] = {**client_opts, "include_usage": True}
+            response = await _open_stream(gw, worker, path, body, ex, wants_usage)
+            streaming = True
+            return response
+        return await _forward(gw, worker, path, body, ex)
+    except GatewayError as err:
+        ex.status = "client_error" if err.status < 500 else str(err.code or "error")
+        ex.http_status, ex.error = err.status, err.message
+        return error_response(err, ex.headers())
+    finally:
+        if not streaming:
+            gw.metrics.in_flight.dec()
+            gw.recorder.finish(ex)
+
+
+def _upstream_headers(worker: Worker, request_id: str) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "accept-encoding": "identity",
+        "x-request-id": request_id,
+        **worker.auth_headers,
+    }
+
+
+async def _forward(gw: GatewayState, worker: Worker, path: str, body: dict[str, Any], ex: Exchange) -> Response:
+    """Non-streaming: send, wait for the whole answer, account, answer."""
+    with worker.track():
+        t = time.perf_counter()
+        try:
+            resp = await gw.client.post(
+                worker.config.base_url + path, content=orjson.dumps(body),
+                headers=_upstream_headers(worker, ex.request_id),
+            )
+        except httpx.HTTPError as exc:
+            raise from_httpx(exc, worker.name) from None
+        finally:
+            ex.upstream_s += time.perf_counter() - t
+    if resp.status_code >= 400:
+        raise from_upstream_status(worker.name, resp.status_code, resp.content)
+    try:
+        data = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        raise GatewayError(502, f"Worker '{worker.name}' sent a body that is not JSON.",
+                           type="server_error", code="upstream_bad_response") from None
+    ex.set_usage(data.get("usage") if isinstance(data, dict) else None, worker.config.price)
+    ex.http_status = resp.status_code
+    return Response(resp.content, status_code=resp.status_code, media_type="application/json",
+                    headers=ex.headers())
+
+
+async def _open_stream(
+    gw: GatewayState, worker: Worker, path: str, body: dict[str, Any], ex: Exchange, wants_usage: bool
+) -> Response:
+    """Streaming: open the upstream stream; errors before its first byte are ordinary error responses."""
+    request = gw.client.build_request(
+        "POST", worker.config.base_url + path, content=orjson.dumps(body),
+        headers=_upstream_headers(worker, ex.request_id),
+    )
+    worker.in_flight += 1
+    t = time.perf_counter()
+    try:
+        resp = await gw.client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        worker.in_flight -= 1
+        raise from_httpx(exc, worker.name) from None
+    finally:
+        ex.upstream_s += time.perf_counter() - t
+    if resp.status_code != 200:
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError:
+            content = b""
+        finally:
+            await resp.aclose()
+            worker.in_flight -= 1
+        raise from_upstream_status(worker.name, resp.status_code, content)
+    return RelayResponse(StreamRelay(gw, worker, resp, ex, wants_usage), headers=ex.headers())
+
+
+class StreamRelay(EventSource):
+    """Relays a worker's SSE stream event by event, takes the usage, and ends every stream properly:
+    a stream the worker breaks off ends with an error event and `[DONE]`, never a silent truncation."""
+
+    def __init__(self, gw: GatewayState, worker: Worker, resp: httpx.Response, ex: Exchange,
+                 wants_usage: bool) -> None:
+        self._gw, self._worker, self._resp, self._ex = gw, worker, resp, ex
+        self._wants_usage = wants_usage
+        self._closed = False
+        self._completed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        ex = self._ex
+        splitter = EventSplitter()
+        saw_done = False
+        try:
+            async for chunk in self._resp.aiter_raw():
+                out = bytearray()
+                for event in splitter.feed(chunk):
+                    data = event_data(event)
+                    if data is None:
+                        continue
+                    if data == DONE:
+                        saw_done = True
+                    elif not self._keep(data):
+                        continue
+                    out += event + b"\n\n"
+                if out:
+                    if ex.ttft_s is None:
+                        ex.ttft_s = time.perf_counter() - ex.started
+                    yield bytes(out)
+            if not saw_done:
+                raise upstream_stream_error(self._worker.name, "the stream ended without [DONE]")
+        except (httpx.HTTPError, GatewayError) as exc:
+            err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
+                self._worker.name, type(exc).__name__)
+            ex.status, ex.error = "stream_error", err.message
+            yield err.sse_event() + b"data: [DONE]\n\n"
+        self._completed = True
+
+    def _keep(self, data: bytes) -> bool:
+        """Inspect a JSON event: take usage; drop the usage-only chunk unless the client asked for it."""
+        if b'"usage"' not in data and b'"error"' not in data:
+            return True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        if "error" in obj:
+            self._ex.status, self._ex.error = "stream_error", str(obj["error"])[:500]
+            return True
+        usage = obj.get("usage")
+        if usage:
+            self._ex.set_usage(usage, self._worker.config.price)
+            if not obj.get("choices"):
+                return self._wants_usage
+        return True
+
+    async def aclose(self) -> None:
+        """Close the upstream response (which aborts the worker's request if it is still running) and
+        record the exchange; a stream that did not complete is a client disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._resp.aclose()
+        finally:
+            self._worker.in_flight -= 1
+            if not self._completed and self._ex.status == "ok":
+                self._ex.status = "client_disconnect"
+            self._gw.metrics.in_flight.dec()
+            self._gw.recorder.finish(self._ex)

@@ -1,0 +1,155 @@
+"""The worker registry: runtime state of each upstream, replica choice, and the health monitor.
+
+A routing policy chooses a *model* (or names one worker); the registry then picks the replica: the
+healthy worker serving that model with the fewest requests in flight from this gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import httpx
+
+from server.config import TurnoutConfig, WorkerConfig
+from server.errors import no_worker_available
+
+log = logging.getLogger("turnout.workers")
+
+
+class Health(enum.Enum):
+    """What the last health check found."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(eq=False)
+class Worker:
+    """One upstream worker and what the gateway knows of it right now."""
+
+    config: WorkerConfig
+    health: Health = Health.UNKNOWN
+    in_flight: int = 0
+    last_error: str | None = None
+    checked_at: float | None = None
+    auth_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The worker's configured name."""
+        return self.config.name
+
+    @property
+    def model(self) -> str:
+        """The model name the worker serves."""
+        return self.config.model
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        """Count a request as in flight on this worker for the duration of the block."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+class WorkerRegistry:
+    """Workers by name and by model, and the choice of a replica."""
+
+    def __init__(self, config: TurnoutConfig) -> None:
+        self.workers: dict[str, Worker] = {}
+        self.by_model: dict[str, list[Worker]] = {}
+        for wc in config.workers:
+            headers: dict[str, str] = {}
+            if wc.api_key_env:
+                # Secrets come from the environment only; a missing variable means no auth header.
+                key = os.environ.get(wc.api_key_env)
+                if key:
+                    headers["authorization"] = f"Bearer {key}"
+            worker = Worker(config=wc, auth_headers=headers)
+            self.workers[wc.name] = worker
+            self.by_model.setdefault(wc.model, []).append(worker)
+
+    def models(self) -> list[str]:
+        """Distinct served model names, in config order."""
+        return list(self.by_model)
+
+    def resolve(self, target: str) -> list[Worker]:
+        """Workers that can serve `target`: that worker if it names one, else every replica of that model."""
+        if target in self.workers:
+            return [self.workers[target]]
+        return list(self.by_model.get(target, ()))
+
+    def pick(self, target: str) -> Worker:
+        """The replica for `target`: not known to be down, fewest in flight, random among ties."""
+        candidates = self.resolve(target)
+        usable = [w for w in candidates if w.health is not Health.DOWN]
+        if not usable:
+            raise no_worker_available(target)
+        if len(usable) == 1:
+            return usable[0]
+        least = min(w.in_flight for w in usable)
+        return random.choice([w for w in usable if w.in_flight == least])
+
+    def any_up(self) -> bool:
+        """True when at least one worker passed its last health check."""
+        return any(w.health is Health.UP for w in self.workers.values())
+
+
+class HealthMonitor:
+    """Polls each worker's health URL in the background and records the result on the worker."""
+
+    def __init__(self, registry: WorkerRegistry, client: httpx.AsyncClient, interval_s: float, timeout_s: float):
+        self._registry = registry
+        self._client = client
+        self._interval = interval_s
+        self._timeout = timeout_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self, worker: Worker) -> None:
+        """Check one worker now."""
+        try:
+            resp = await self._client.get(
+                worker.config.resolved_health_url(), headers=worker.auth_headers, timeout=self._timeout
+            )
+            ok = resp.status_code == 200
+            worker.last_error = None if ok else f"health check answered {resp.status_code}"
+        except httpx.HTTPError as exc:
+            ok = False
+            worker.last_error = f"health check failed: {type(exc).__name__}"
+        if (worker.health is Health.UP) != ok:
+            log.info("worker %s is %s%s", worker.name, "up" if ok else "down",
+                     "" if ok else f" ({worker.last_error})")
+        worker.health = Health.UP if ok else Health.DOWN
+        worker.checked_at = time.time()
+
+    async def check_all(self) -> None:
+        """Check every worker concurrently."""
+        await asyncio.gather(*(self.check(w) for w in self._registry.workers.values()))
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        """Start polling (the first round runs at once)."""
+        self._task = asyncio.create_task(self._run(), name="turnout-health")
+
+    async def stop(self) -> None:
+        """Stop polling."""
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
