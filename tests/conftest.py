@@ -1,0 +1,160 @@
+"""Shared fixtures: fake workers and a real vLLM worker on real ports, and the gateway in process or
+as a real server process. Clients are always the official `openai` SDK."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import pytest
+import yaml
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.config import TurnoutConfig, parse_config
+from tests.procs import ManagedProcess, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
+
+
+def has_avx2() -> bool:
+    """vLLM's CPU build needs AVX2."""
+    try:
+        return " avx2 " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A worker process on a real port."""
+
+    model: str
+    base_url: str  # ends with /v1
+    proc: ManagedProcess
+
+    @property
+    def root(self) -> str:
+        """URL without the /v1 suffix (for /health, /metrics, /fake/*)."""
+        return self.base_url.removesuffix("/v1")
+
+
+def start_fake(model: str, tmp: Path, *args: str) -> ManagedProcess:
+    """A fake worker process (not yet started)."""
+    port = free_port()
+    return ManagedProcess(
+        [sys.executable, "-m", "tests.fakes.worker", "--port", str(port), "--model", model, *args],
+        ready_url=f"http://127.0.0.1:{port}/health", log_path=tmp / f"fake-{model}-{port}.log",
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout_s=30,
+    )
+
+
+def _port_of(proc: ManagedProcess) -> int:
+    return int(proc.cmd[proc.cmd.index("--port") + 1])
+
+
+@pytest.fixture(scope="session")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Upstream]]:
+    """Two fake workers, `fake-small` and `fake-big`, shared by the session (tests reset their mode)."""
+    tmp = tmp_path_factory.mktemp("fakes")
+    procs = {m: start_fake(m, tmp) for m in ("fake-small", "fake-big")}
+    with ExitStack() as stack:
+        for p in procs.values():
+            stack.enter_context(p)
+        yield {m: Upstream(m, f"http://127.0.0.1:{_port_of(p)}/v1", p) for m, p in procs.items()}
+
+
+@pytest.fixture
+def fake_reset(fakes: dict[str, Upstream]) -> Iterator[None]:
+    """Reset every fake's fault mode and stats around a test."""
+    def reset() -> None:
+        for up in fakes.values():
+            httpx.post(f"{up.root}/fake/mode", json={}, timeout=5).raise_for_status()
+            httpx.post(f"{up.root}/fake/reset", timeout=5).raise_for_status()
+    reset()
+    yield
+    reset()
+
+
+def fake_config(fakes: dict[str, Upstream], **overrides: Any) -> dict[str, Any]:
+    """A config mapping over the two fakes with `fixed` and `weighted` policies."""
+    raw: dict[str, Any] = {
+        "workers": [
+            {"name": "small", "model": "fake-small", "base_url": fakes["fake-small"].base_url,
+             "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}},
+            {"name": "big", "model": "fake-big", "base_url": fakes["fake-big"].base_url,
+             "price": {"input_per_1m": 1.0, "output_per_1m": 3.0}},
+        ],
+        "policies": {
+            "cheap": {"type": "fixed", "worker": "small"},
+            "split": {"type": "weighted", "weights": {"small": 1, "big": 1}, "seed": 7},
+        },
+        "default_policy": "cheap",
+        "server": {"health_interval_s": 0.5},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@dataclass
+class InProcess:
+    """The gateway app running in this process, with an async openai client and a raw httpx2 client."""
+
+    app: FastAPI
+    client: openai.AsyncOpenAI
+    http: httpx2.AsyncClient
+
+
+@asynccontextmanager
+async def gateway_in_process(config: TurnoutConfig | dict[str, Any]) -> AsyncIterator[InProcess]:
+    """Run the app (with its lifespan) and talk to it through ASGI, no socket."""
+    cfg = config if isinstance(config, TurnoutConfig) else parse_config(config)
+    app = create_app(cfg)
+    async with app.router.lifespan_context(app):
+        await app.state.gateway.health.check_all()
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="test", http_client=http,
+                                        max_retries=0)
+            yield InProcess(app, client, http)
+
+
+def serve_gateway(config: dict[str, Any], tmp: Path) -> tuple[ManagedProcess, str]:
+    """A gateway process on a real port (`python -m server serve`), not yet started; returns it and its URL."""
+    port = free_port()
+    cfg_path = tmp / f"gateway-{port}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    proc = ManagedProcess(
+        [sys.executable, "-m", "server", "serve", "--config", str(cfg_path), "--port", str(port),
+         "--log-level", "info"],
+        ready_url=f"http://127.0.0.1:{port}/healthz", log_path=tmp / f"gateway-{port}.log",
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout_s=30,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """A real vLLM CPU server (gemma3-270m) for the session; skipped, with the reason, only without AVX2."""
+    if not has_avx2():
+        pytest.skip("the vLLM CPU build needs AVX2, which this CPU lacks")
+    python = VLLM_CACHE / "vllm-venv" / "bin" / "python"
+    if not python.exists() or not (VLLM_CACHE / "models" / "gemma3-270m" / ".turnout-ready").exists():
+        pytest.fail("the vLLM worker is not set up: run `make vllm` (make test does it first)")
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("vllm")
+    proc = ManagedProcess(
+        ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), "gemma3-270m"],
+        ready_url=f"http://127.0.0.1:{port}/health", log_path=tmp / "vllm.log", timeout_s=400,
+    )
+    with proc:
+        yield Upstream("gemma3-270m", f"http://127.0.0.1:{port}/v1", proc)
