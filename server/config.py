@@ -76,7 +76,9 @@ class UpstreamConfig(_Model):
     pool_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
     max_keepalive_connections: Annotated[int, Field(ge=0)] = 200
-    keepalive_expiry_s: Annotated[float, Field(gt=0)] = 30.0
+    # Below vLLM's (and uvicorn's) 5 s keep-alive, so the pool never reuses a connection the worker
+    # is closing at that moment, which would fail the request.
+    keepalive_expiry_s: Annotated[float, Field(gt=0)] = 4.0
 
 
 class ServerConfig(_Model):

@@ -6,12 +6,13 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Upstream, fake_config, gateway_in_process
 
 pytestmark = pytest.mark.usefixtures("fake_reset")
 
-MSG = [{"role": "user", "content": "hello there"}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
 
 def assert_openai_error(body: Any, code: Any = None) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Upstream, fake_config, gateway_in_process
 
 pytestmark = pytest.mark.usefixtures("fake_reset")
 
-MSG = [{"role": "user", "content": "three little words"}]  # 3 words + 1 per message = 4 prompt tokens
+# 3 words + 1 per message = 4 prompt tokens at the fake worker
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "three little words"}]
 
 
 async def test_chat_non_streaming_headers_body_and_usage(fakes: dict[str, Upstream]) -> None:
@@ -91,7 +93,8 @@ async def test_unknown_fields_reach_the_worker(fakes: dict[str, Upstream]) -> No
         await gw.client.chat.completions.create(
             model="auto", messages=MSG, max_tokens=1,
             extra_body={"top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True, "guided_choice": ["a", "b"]})
-    body = httpx.get(f"{fakes['fake-small'].root}/fake/stats").json()["last_body"]
+    async with httpx.AsyncClient() as hc:
+        body = (await hc.get(f"{fakes['fake-small'].root}/fake/stats")).json()["last_body"]
     assert body["top_k"] == 5 and body["repetition_penalty"] == 1.1 and body["ignore_eos"] is True
     assert body["guided_choice"] == ["a", "b"]
     assert body["model"] == "fake-small"  # rewritten from "auto" to the served name

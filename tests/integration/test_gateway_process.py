@@ -1,0 +1,100 @@
+"""The gateway as a real server process on a real port, in front of fake workers (sync openai SDK)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.conftest import Upstream, fake_config, serve_gateway
+from tests.integration.promtext import sample_sum
+
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(fakes: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = serve_gateway(fake_config(fakes), Path(tmp_path_factory.mktemp("gw")))
+    with proc:
+        yield url
+
+
+@pytest.fixture
+def sdk(gateway: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway}/v1", api_key="test", max_retries=0, timeout=30) as c:
+        yield c
+
+
+def stats(up: Upstream) -> dict[str, int]:
+    data: dict[str, int] = httpx.get(f"{up.root}/fake/stats", timeout=5).json()
+    return data
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_sync_sdk_streams_through_a_real_socket(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(model="auto", messages=MSG, max_tokens=4, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    resp = sdk.completions.create(model="big", prompt="a b c", max_tokens=2)
+    assert resp.model == "fake-big" and resp.usage is not None and resp.usage.prompt_tokens == 4
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_stream_is_relayed_as_it_arrives(sdk: openai.OpenAI, fakes: dict[str, Upstream]) -> None:
+    # 10 tokens 100 ms apart: the first chunk must reach the client long before the last is generated.
+    t0 = time.perf_counter()
+    arrivals = []
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="auto", messages=MSG, max_tokens=10, stream=True, extra_body={"fake": {"itl_ms": 100}})
+    assert raw.headers["x-turnout-model"] == "small"
+    assert float(raw.headers["x-turnout-overhead-ms"]) >= 0
+    for chunk in raw.parse():
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - t0)
+    assert len(arrivals) == 10
+    # Ordering, not a latency bound: chunks arrive spread out, not in one buffered burst.
+    assert arrivals[-1] - arrivals[0] >= 0.5
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_client_disconnect_mid_stream_cancels_upstream(sdk: openai.OpenAI, fakes: dict[str, Upstream],
+                                                       gateway: str) -> None:
+    up = fakes["fake-small"]
+    stream = sdk.chat.completions.create(model="auto", messages=MSG, max_tokens=200, stream=True,
+                                         extra_body={"fake": {"itl_ms": 50}})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while stats(up)["cancelled"] < 1:
+        assert time.monotonic() < deadline, f"the worker never saw the request end early: {stats(up)}"
+        time.sleep(0.1)
+    assert stats(up)["completed"] == 0
+    deadline = time.monotonic() + 10
+    while sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert sample_sum(f"{gateway}/metrics", "turnout_in_flight_requests") == 0
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_client_disconnect_while_waiting_for_first_token(gateway: str, fakes: dict[str, Upstream]) -> None:
+    # The worker sends headers, then nothing for 30 s; the client gives up after 1 s.
+    up = fakes["fake-small"]
+    with pytest.raises(httpx.ReadTimeout), httpx.stream(
+        "POST", f"{gateway}/v1/chat/completions", timeout=httpx.Timeout(30, read=1.0),
+        json={"model": "auto", "messages": MSG, "stream": True, "fake": {"ttft_ms": 30000}},
+    ) as r:
+        for _ in r.iter_bytes():
+            pass
+    deadline = time.monotonic() + 10
+    while stats(up)["cancelled"] < 1:
+        assert time.monotonic() < deadline, f"the worker never saw the request end early: {stats(up)}"
+        time.sleep(0.1)

@@ -1,0 +1,53 @@
+"""Mapping of upstream failures to status codes and OpenAI error bodies."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+import pytest
+
+from server.errors import from_httpx, from_upstream_status
+
+
+def test_worker_4xx_keeps_status_and_message() -> None:
+    body = orjson.dumps({"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                                   "param": "model", "code": 404}})
+    err = from_upstream_status("w", 404, body)
+    assert (err.status, err.message, err.param, err.type) == (404, "The model `x` does not exist.", "model",
+                                                              "NotFoundError")
+
+
+def test_worker_4xx_with_flat_or_text_body() -> None:
+    assert from_upstream_status("w", 400, b'{"message": "bad", "type": "x"}').message == "bad"
+    err = from_upstream_status("w", 422, b"plain text problem")
+    assert err.status == 422 and err.message == "plain text problem"
+    assert from_upstream_status("w", 400, b"").message == "Worker 'w' answered 400."
+
+
+def test_worker_5xx_is_502() -> None:
+    err = from_upstream_status("w", 503, b'{"error": {"message": "overloaded"}}')
+    assert err.status == 502 and err.code == "upstream_error" and "503" in err.message and "overloaded" in err.message
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (httpx.ConnectError("refused"), 502),
+        (httpx.ConnectTimeout("slow connect"), 502),
+        (httpx.ReadTimeout("slow"), 504),
+        (httpx.WriteTimeout("slow"), 504),
+        (httpx.PoolTimeout("busy"), 504),
+        (httpx.RemoteProtocolError("closed"), 502),
+        (httpx.ReadError("reset"), 502),
+    ],
+)
+def test_httpx_exceptions(exc: httpx.HTTPError, status: int) -> None:
+    err = from_httpx(exc, "w")
+    assert err.status == status
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sse_error_event() -> None:
+    ev = from_upstream_status("w", 500, b"").sse_event()
+    assert ev.startswith(b"data: {") and ev.endswith(b"\n\n")
+    assert orjson.loads(ev[6:])["error"]["code"] == "upstream_error"
