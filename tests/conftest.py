@@ -3,8 +3,6 @@ as a real server process. Clients are always the official `openai` SDK."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -18,20 +16,10 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
+from loadtest.engines import fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
 from server.app import create_app
 from server.config import TurnoutConfig, parse_config
 from tests.procs import ManagedProcess, free_port
-
-REPO = Path(__file__).resolve().parents[1]
-VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
-
-
-def has_avx2() -> bool:
-    """vLLM's CPU build needs AVX2."""
-    try:
-        return " avx2 " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -51,11 +39,7 @@ class Upstream:
 def start_fake(model: str, tmp: Path, *args: str) -> ManagedProcess:
     """A fake worker process (not yet started)."""
     port = free_port()
-    return ManagedProcess(
-        [sys.executable, "-m", "tests.fakes.worker", "--port", str(port), "--model", model, *args],
-        ready_url=f"http://127.0.0.1:{port}/health", log_path=tmp / f"fake-{model}-{port}.log",
-        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout_s=30,
-    )
+    return fake_process(port, model, tmp / f"fake-{model}-{port}.log", *args)
 
 
 def _port_of(proc: ManagedProcess) -> int:
@@ -129,17 +113,11 @@ async def gateway_in_process(config: TurnoutConfig | dict[str, Any]) -> AsyncIte
 
 
 def serve_gateway(config: dict[str, Any], tmp: Path) -> tuple[ManagedProcess, str]:
-    """A gateway process on a real port (`python -m server serve`), not yet started; returns it and its URL."""
+    """A gateway process on a real port, not yet started; returns it and its URL."""
     port = free_port()
     cfg_path = tmp / f"gateway-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
-    proc = ManagedProcess(
-        [sys.executable, "-m", "server", "serve", "--config", str(cfg_path), "--port", str(port),
-         "--log-level", "info"],
-        ready_url=f"http://127.0.0.1:{port}/healthz", log_path=tmp / f"gateway-{port}.log",
-        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout_s=30,
-    )
-    return proc, f"http://127.0.0.1:{port}"
+    return gateway_process(cfg_path, port, tmp / f"gateway-{port}.log"), f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -147,14 +125,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     """A real vLLM CPU server (gemma3-270m) for the session; skipped, with the reason, only without AVX2."""
     if not has_avx2():
         pytest.skip("the vLLM CPU build needs AVX2, which this CPU lacks")
-    python = VLLM_CACHE / "vllm-venv" / "bin" / "python"
-    if not python.exists() or not (VLLM_CACHE / "models" / "gemma3-270m" / ".turnout-ready").exists():
+    if not vllm_ready():
         pytest.fail("the vLLM worker is not set up: run `make vllm` (make test does it first)")
     port = free_port()
-    tmp = tmp_path_factory.mktemp("vllm")
-    proc = ManagedProcess(
-        ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), "gemma3-270m"],
-        ready_url=f"http://127.0.0.1:{port}/health", log_path=tmp / "vllm.log", timeout_s=400,
-    )
+    proc = vllm_process(port, tmp_path_factory.mktemp("vllm") / "vllm.log")
     with proc:
         yield Upstream("gemma3-270m", f"http://127.0.0.1:{port}/v1", proc)
