@@ -9,8 +9,9 @@ STAMP := $(VENV)/.turnout-installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	@set -o pipefail; $(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v -e "is ignored" -e "BuildBackendWarning" || true
+	@echo "installing the gateway's packages into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/pip install -q -e ".[dev]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@$(BIN)/python -c "import server, routers, openai" && touch $(STAMP)
 
 venv: $(STAMP)

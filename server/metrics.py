@@ -5,7 +5,7 @@ Label values come from bounded sets only (policy, model, worker, status); never 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # Gateway overhead is milliseconds; generation is seconds to minutes.
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -16,6 +16,8 @@ class Metrics:
     """The gateway's metric families."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The `*_created` series add a sample per label set and nothing a dashboard uses.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(

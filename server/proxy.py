@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import anyio
@@ -85,10 +85,14 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             wants_usage = bool(client_opts.get("include_usage"))
             # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
             body["stream_options"] = {**client_opts, "include_usage": True}
-            response = await _open_stream(gw, worker, path, body, ex, wants_usage)
-            streaming = True
-            return response
-        return await _forward(gw, worker, path, body, ex)
+            response = await until_disconnect(request, _open_stream(gw, worker, path, body, ex, wants_usage))
+            streaming = isinstance(response, RelayResponse)
+        else:
+            response = await until_disconnect(request, _forward(gw, worker, path, body, ex))
+        if response is None:
+            ex.status, ex.http_status = "client_disconnect", 499
+            return Response(status_code=499, headers=ex.headers())  # nobody is listening any more
+        return response
     except GatewayError as err:
         ex.status = "client_error" if err.status < 500 else str(err.code or "error")
         ex.http_status, ex.error = err.status, err.message
@@ -97,6 +101,34 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         if not streaming:
             gw.metrics.in_flight.dec()
             gw.recorder.finish(ex)
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response | None:
+    """Await `work`, unless the client disconnects first: then cancel it (closing the upstream request,
+    so the worker stops generating) and return None. The request body must already have been read."""
+    result: Response | None = None
+    error: GatewayError | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            nonlocal result, error
+            try:
+                result = await work
+            except GatewayError as exc:  # re-raised below, not wrapped in the task group's ExceptionGroup
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run)
+        tg.start_soon(watch)
+    if error is not None:
+        raise error
+    return result
 
 
 def _upstream_headers(worker: Worker, request_id: str) -> dict[str, str]:

@@ -98,3 +98,20 @@ def test_client_disconnect_while_waiting_for_first_token(gateway: str, fakes: di
     while stats(up)["cancelled"] < 1:
         assert time.monotonic() < deadline, f"the worker never saw the request end early: {stats(up)}"
         time.sleep(0.1)
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_client_disconnect_during_a_non_streaming_request(gateway: str, fakes: dict[str, Upstream]) -> None:
+    # The worker takes 30 s; the client gives up after 1 s; the gateway must not wait the 30 s out.
+    up = fakes["fake-small"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway}/v1/chat/completions", timeout=httpx.Timeout(30, read=1.0),
+                   json={"model": "auto", "messages": MSG, "fake": {"latency_ms": 30000}})
+    deadline = time.monotonic() + 10
+    while stats(up)["cancelled"] < 1:
+        assert time.monotonic() < deadline, f"the worker never saw the request end early: {stats(up)}"
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
