@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
+from server.middleware import RequestIdMiddleware
 from server.proxy import handle_completion
 from server.state import GatewayState
 from server.workers import Health
@@ -55,6 +56,7 @@ def create_app(
 
     app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
 
     def gw(request: Request) -> GatewayState:
         state: GatewayState = request.app.state.gateway

@@ -15,7 +15,14 @@ from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError, load_config
 
 app = typer.Typer(help="Turnout: a multi-LLM query-routing gateway.", no_args_is_help=True)
-err = Console(stderr=True)
+# soft_wrap: never break a problem line in two (logs and CI read this output too).
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_problems(source: Path, exc: ConfigError) -> None:
+    err.print(f"[red]{source}: {len(exc.problems)} problem(s)[/red]")
+    for p in exc.problems:
+        err.print(f"  - {p}", highlight=False, markup=False)
 
 
 @app.command("check-config")
@@ -24,9 +31,7 @@ def check_config(file: Annotated[Path, typer.Argument(help="YAML config to valid
     try:
         cfg = load_config(file)
     except ConfigError as exc:
-        err.print(f"[red]{file}: {len(exc.problems)} problem(s)[/red]")
-        for p in exc.problems:
-            err.print(f"  - {p}", highlight=False, markup=False)
+        _print_problems(file, exc)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: ok ({len(cfg.workers)} workers, {len(cfg.policies)} policies, "
                f"default policy: {cfg.default_policy or 'none'})")
@@ -48,9 +53,7 @@ def serve(
     try:
         cfg = load_config(path)  # fail fast, before binding the port
     except ConfigError as exc:
-        err.print(f"[red]{path}: {len(exc.problems)} problem(s)[/red]")
-        for p in exc.problems:
-            err.print(f"  - {p}", highlight=False, markup=False)
+        _print_problems(path, exc)
         raise typer.Exit(1) from None
     logging.basicConfig(level=log_level.upper(), format="%(message)s")
     # httpx logs every upstream request at INFO; the request log already has one line per request.

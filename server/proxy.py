@@ -66,7 +66,7 @@ def decode_json(raw: bytes) -> Any:
 async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Response:
     """Serve `POST /v1/chat/completions` (`kind="chat"`) or `POST /v1/completions`."""
     path, schema = ENDPOINTS[kind]
-    ex = Exchange(request_id=uuid.uuid4().hex, endpoint=kind)
+    ex = Exchange(request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex, endpoint=kind)
     gw.metrics.in_flight.inc()
     streaming = False
     try:

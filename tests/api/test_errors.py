@@ -175,3 +175,17 @@ async def test_unknown_route_and_method_are_openai_shaped(fakes: dict[str, Upstr
     assert_openai_error(r404.json())
     assert_openai_error(r405.json())
 
+
+
+async def test_every_response_has_a_request_id(fakes: dict[str, Upstream]) -> None:
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        ids = set()
+        for method, path in [("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+                             ("GET", "/nowhere"), ("POST", "/v1/completions")]:
+            r = await gw.http.request(method, path)
+            ids.add(r.headers["x-turnout-request-id"])
+            assert len(r.headers.get_list("x-turnout-request-id")) == 1
+        raw = await gw.client.chat.completions.with_raw_response.create(model="auto", messages=MSG, max_tokens=1)
+        assert len(raw.headers.get_list("x-turnout-request-id")) == 1
+        ids.add(raw.headers["x-turnout-request-id"])
+    assert len(ids) == 7
