@@ -35,7 +35,7 @@ fi
 if [ ! -f "$MODEL_DIR/.turnout-ready" ]; then
   echo "[vllm-cpu] building the model in $MODEL_DIR (about 1 minute)"
   rm -rf "$MODEL_DIR"
-  "$VENV/bin/python" "$HERE/build_model.py" "$MODEL_DIR"
+  TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 "$VENV/bin/python" "$HERE/build_model.py" "$MODEL_DIR"
   touch "$MODEL_DIR/.turnout-ready"
 fi
 echo "[vllm-cpu] ready: venv $VENV, model $MODEL_DIR"
