@@ -6,6 +6,7 @@ fields such as vLLM's extra sampling parameters reach the worker unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -105,30 +106,32 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response | None:
     """Await `work`, unless the client disconnects first: then cancel it (closing the upstream request,
-    so the worker stops generating) and return None. The request body must already have been read."""
-    result: Response | None = None
-    error: GatewayError | None = None
-    async with anyio.create_task_group() as tg:
+    so the worker stops generating) and return None. The request body must already have been read.
 
-        async def run() -> None:
-            nonlocal result, error
-            try:
-                result = await work
-            except GatewayError as exc:  # re-raised below, not wrapped in the task group's ExceptionGroup
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()
+    One watcher task cancels this task on disconnect; cheaper than a task group per request, which
+    measurably added to the gateway's overhead.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
 
-        tg.start_soon(run)
-        tg.start_soon(watch)
-    if error is not None:
-        raise error
-    return result
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        current.uncancel()  # our own cancellation, consumed here; anything else propagates
+        return None
+    finally:
+        watcher.cancel()
 
 
 def _upstream_headers(worker: Worker, request_id: str) -> dict[str, str]:
