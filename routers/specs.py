@@ -28,8 +28,8 @@ class WeightedSpec(_Spec):
     """Pick at random, in proportion to the weights (e.g. a canary split)."""
 
     type: Literal["weighted"]
-    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(min_length=1)
-    seed: int | None = None
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
+    seed: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _some_weight(self) -> WeightedSpec:

@@ -28,6 +28,8 @@ class Exchange:
     reason: str | None = None
     stream: bool = False
     upstream_s: float = 0.0
+    stream_overhead_s: float | None = None  # set when a stream's headers go out
+    relay_s: float = 0.0  # the gateway's own work on a stream's chunks
     ttft_s: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -38,8 +40,15 @@ class Exchange:
     finished: bool = False
 
     def overhead_s(self, now: float | None = None) -> float:
-        """Time spent in the gateway so far, excluding time waiting on the worker."""
+        """Time spent in the gateway, excluding time waiting on the worker. For a stream: the time before
+        its headers went out plus the work on each relayed chunk (never the time spent streaming)."""
+        if self.stream_overhead_s is not None:
+            return self.stream_overhead_s + self.relay_s
         return max(0.0, (now if now is not None else time.perf_counter()) - self.started - self.upstream_s)
+
+    def freeze_stream_overhead(self) -> None:
+        """Fix the pre-stream overhead at the moment the stream's headers are sent."""
+        self.stream_overhead_s = self.overhead_s()
 
     def headers(self) -> dict[str, str]:
         """The `x-turnout-*` response headers known so far."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,16 @@ from rich.console import Console
 
 from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError, load_config
+
+
+class LogLevel(enum.StrEnum):
+    """Log levels `serve` accepts."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
 
 app = typer.Typer(help="Turnout: a multi-LLM query-routing gateway.", no_args_is_help=True)
 # soft_wrap: never break a problem line in two (logs and CI read this output too).
@@ -42,7 +53,7 @@ def serve(
     config: Annotated[Path | None, typer.Option(help=f"YAML config (default: ${CONFIG_ENV})")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8080,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="Log level")] = LogLevel.info,
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log (the request log is separate)")] = False,
 ) -> None:
     """Run the gateway."""
@@ -55,10 +66,10 @@ def serve(
     except ConfigError as exc:
         _print_problems(path, exc)
         raise typer.Exit(1) from None
-    logging.basicConfig(level=log_level.upper(), format="%(message)s")
+    logging.basicConfig(level=log_level.value.upper(), format="%(message)s")
     # httpx logs every upstream request at INFO; the request log already has one line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=access_log,
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level.value, access_log=access_log,
                 timeout_graceful_shutdown=30)
 
 

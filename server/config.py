@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -37,12 +38,27 @@ class _Model(BaseModel):
 class Price(_Model):
     """USD per 1M tokens."""
 
-    input_per_1m: Annotated[float, Field(ge=0)] = 0.0
-    output_per_1m: Annotated[float, Field(ge=0)] = 0.0
+    input_per_1m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    output_per_1m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         """What these token counts cost at this price."""
         return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+def check_http_url(v: str) -> str:
+    """`v` if it is an absolute http(s) URL with a host and a valid port, else ValueError saying why."""
+    example = "such as http://127.0.0.1:8091/v1"
+    try:
+        url = httpx.URL(v)
+        port = url.port  # parsing the port may itself fail
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ValueError(f"must be an http(s) URL {example}, got {v!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host or re.search(r"\s", v):
+        raise ValueError(f"must be an http(s) URL {example}, got {v!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range in {v!r}")
+    return v
 
 
 class WorkerConfig(_Model):
@@ -53,14 +69,12 @@ class WorkerConfig(_Model):
     base_url: str
     price: Price = Price()
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    health_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    health_url: str | None = None
 
-    @field_validator("base_url")
+    @field_validator("base_url", "health_url")
     @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
-            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8091/v1, got {v!r}")
-        return v.rstrip("/")
+    def _http_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_http_url(v).rstrip("/")
 
     def resolved_health_url(self) -> str:
         """Where the health check looks: `health_url`, else the OpenAI `models` listing."""
@@ -87,6 +101,9 @@ class ServerConfig(_Model):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    # A worker that was up is marked down only after this many failed checks in a row, so one slow
+    # answer does not take it out of rotation for a whole interval.
+    health_failures_to_down: Annotated[int, Field(ge=1)] = 2
 
 
 class TurnoutConfig(_Model):
@@ -116,8 +133,10 @@ def _loc(parts: tuple[int | str, ...]) -> str:
 def _schema_problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
-        # Drop the discriminator tag pydantic inserts into union locations (e.g. "fixed").
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _POLICY_TYPES))
+        loc = tuple(err["loc"])
+        # pydantic puts the discriminator tag after the policy name: ("policies", name, "fixed", ...).
+        if len(loc) > 2 and loc[0] == "policies" and loc[2] in _POLICY_TYPES:
+            loc = loc[:2] + loc[3:]
         problems.append(f"{_loc(loc)}: {err['msg']}")
     return problems
 
@@ -147,11 +166,25 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
     for name, n in Counter(names).items():
         if n > 1:
             problems.append(f"workers: name {name!r} is used by {n} workers; names must be unique")
+    # `model` in a request may name a worker, a model, `auto` or `turnout/<policy>`: each must be unambiguous.
+    for w in workers:
+        if not isinstance(w, dict):
+            continue
+        for key in ("name", "model"):
+            value = w.get(key)
+            if isinstance(value, str) and (value == "auto" or value.startswith("turnout/")):
+                problems.append(f"workers: {key} {value!r} is reserved ('auto' and 'turnout/...' select policies)")
+        wname, wmodel = w.get("name"), w.get("model")
+        if isinstance(wname, str) and wname in models and wname != wmodel:
+            problems.append(f"workers: worker name {wname!r} is also another worker's model name; "
+                            "a request for it would be ambiguous")
     # Replicas of one model must agree on its price, else cost accounting depends on load balancing.
     prices: dict[str, Any] = {}
     for w in workers:
         if isinstance(w, dict) and isinstance(w.get("model"), str):
             price = w.get("price")
+            if price is None or isinstance(price, dict):  # compare with the defaults filled in
+                price = {"input_per_1m": 0.0, "output_per_1m": 0.0, **(price or {})}
             if w["model"] in prices and prices[w["model"]] != price:
                 problems.append(f"workers: replicas of model {w['model']!r} have different prices")
             prices.setdefault(w["model"], price)

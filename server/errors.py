@@ -32,6 +32,7 @@ class GatewayError(Exception):
         code: str | int | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        upstream_status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -40,6 +41,21 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+        # Set when the worker produced this error (its status), None when the gateway did.
+        self.upstream_status = upstream_status
+
+    def status_label(self) -> str:
+        """The bounded `status` label of this outcome in metrics and the request log."""
+        if self.status < 500:
+            return "client_error" if self.upstream_status is None else "worker_client_error"
+        return str(self.code or "error")
+
+    def log_message(self) -> str:
+        """What the request log may say. A worker's own message can quote the request (prompt text),
+        so only its status and error type are logged."""
+        if self.upstream_status is None:
+            return self.message
+        return f"worker answered {self.upstream_status} ({self.type}, code {self.code})"
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error object."""
@@ -100,6 +116,10 @@ def upstream_stream_error(worker: str, detail: str) -> GatewayError:
 
 def from_httpx(exc: httpx.HTTPError, worker: str) -> GatewayError:
     """Map an httpx exception raised while talking to `worker`."""
+    if isinstance(exc, httpx.PoolTimeout):
+        # Every pooled connection is busy: the gateway is saturated, not the worker slow.
+        return GatewayError(503, "The gateway has no free connection to the workers; retry shortly.",
+                            type="server_error", code="gateway_busy", headers={"retry-after": "1"})
     if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return upstream_timeout(worker)
     return upstream_unreachable(worker)
@@ -108,6 +128,11 @@ def from_httpx(exc: httpx.HTTPError, worker: str) -> GatewayError:
 def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayError:
     """Map a worker's non-2xx answer: 4xx passes through with its message, 5xx becomes 502."""
     message, etype, param, code = _upstream_error_fields(content)
+    if status in (401, 403):
+        # The client's key is not what the worker checks (the gateway's worker key is): a gateway
+        # configuration problem, not the client's.
+        return GatewayError(502, f"Worker '{worker}' refused the gateway's credentials ({status}).",
+                            type="server_error", code="upstream_auth_failed", upstream_status=status)
     if 400 <= status < 500:
         return GatewayError(
             status,
@@ -115,12 +140,14 @@ def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayErr
             type=etype or "invalid_request_error",
             param=param,
             code=code if code is not None else status,
+            upstream_status=status,
         )
     return GatewayError(
         502,
         f"Worker '{worker}' answered {status}" + (f": {message}" if message else "."),
         type="server_error",
         code="upstream_error",
+        upstream_status=status,
     )
 
 
@@ -152,9 +179,13 @@ def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> 
 def install_handlers(app: FastAPI) -> None:
     """Make every error the app can produce, including the framework's own, OpenAI-shaped."""
 
+    def request_id(request: Request) -> dict[str, str]:
+        rid = getattr(request.state, "request_id", None)
+        return {"x-turnout-request-id": rid} if rid else {}
+
     async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return error_response(exc, getattr(request.state, "turnout_headers", None))
+        return error_response(exc, request_id(request))
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -172,7 +203,8 @@ def install_handlers(app: FastAPI) -> None:
         # A bug: log the traceback for the operator, but never send it to the client.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = GatewayError(500, "Internal error in the gateway.", type="server_error", code="internal_error")
-        return error_response(err, getattr(request.state, "turnout_headers", None))
+        # This handler runs outside the request-id middleware, so it sets the header itself.
+        return error_response(err, request_id(request))
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation)

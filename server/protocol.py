@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from server.errors import GatewayError, bad_request
 
@@ -19,9 +28,16 @@ class _Open(BaseModel):
 
 
 class TextPart(_Open):
-    """One part of a multi-part message content."""
+    """One part of a multi-part message content (text, or another type the worker understands)."""
 
     type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> TextPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a part of type 'text' needs a string 'text'")
+        return self
 
 
 class ChatMessage(_Open):
@@ -43,8 +59,8 @@ class _Sampling(_Open):
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
     user: StrictStr | None = None
 
 
@@ -110,7 +126,8 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
     return ""
 
 

@@ -16,6 +16,7 @@ import anyio
 import httpx
 import orjson
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from server.accounting import Exchange
@@ -64,6 +65,15 @@ def decode_json(raw: bytes) -> Any:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
 
 
+def encode_json(body: dict[str, Any]) -> bytes:
+    """Serialise the body to forward; 400 for what JSON parsing accepts but cannot be sent on (nesting
+    deeper than the encoder allows)."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise bad_request(f"Request body cannot be forwarded: {exc}") from None
+
+
 async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Response:
     """Serve `POST /v1/chat/completions` (`kind="chat"`) or `POST /v1/completions`."""
     path, schema = ENDPOINTS[kind]
@@ -86,18 +96,25 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             wants_usage = bool(client_opts.get("include_usage"))
             # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
             body["stream_options"] = {**client_opts, "include_usage": True}
-            response = await until_disconnect(request, _open_stream(gw, worker, path, body, ex, wants_usage))
-            streaming = isinstance(response, RelayResponse)
+            work = _open_stream(gw, worker, path, encode_json(body), ex, wants_usage)
         else:
-            response = await until_disconnect(request, _forward(gw, worker, path, body, ex))
+            work = _forward(gw, worker, path, encode_json(body), ex)
+        response = await until_disconnect(request, work)
         if response is None:
             ex.status, ex.http_status = "client_disconnect", 499
             return Response(status_code=499, headers=ex.headers())  # nobody is listening any more
+        streaming = isinstance(response, RelayResponse)
         return response
+    except ClientDisconnect:
+        ex.status, ex.http_status = "client_disconnect", 499
+        return Response(status_code=499, headers=ex.headers())
     except GatewayError as err:
-        ex.status = "client_error" if err.status < 500 else str(err.code or "error")
-        ex.http_status, ex.error = err.status, err.message
+        ex.status = err.status_label()
+        ex.http_status, ex.error = err.status, err.log_message()
         return error_response(err, ex.headers())
+    except Exception:
+        ex.status, ex.http_status, ex.error = "internal_error", 500, "internal error (see the gateway's log)"
+        raise
     finally:
         if not streaming:
             gw.metrics.in_flight.dec()
@@ -143,20 +160,18 @@ def _upstream_headers(worker: Worker, request_id: str) -> dict[str, str]:
     }
 
 
-async def _forward(gw: GatewayState, worker: Worker, path: str, body: dict[str, Any], ex: Exchange) -> Response:
+async def _forward(gw: GatewayState, worker: Worker, path: str, payload: bytes, ex: Exchange) -> Response:
     """Non-streaming: send, wait for the whole answer, account, answer."""
     with worker.track():
         t = time.perf_counter()
         try:
-            resp = await gw.client.post(
-                worker.config.base_url + path, content=orjson.dumps(body),
-                headers=_upstream_headers(worker, ex.request_id),
-            )
+            resp = await gw.client.post(worker.config.base_url + path, content=payload,
+                                        headers=_upstream_headers(worker, ex.request_id))
         except httpx.HTTPError as exc:
             raise from_httpx(exc, worker.name) from None
         finally:
             ex.upstream_s += time.perf_counter() - t
-    if resp.status_code >= 400:
+    if not 200 <= resp.status_code < 300:
         raise from_upstream_status(worker.name, resp.status_code, resp.content)
     try:
         data = orjson.loads(resp.content)
@@ -170,32 +185,40 @@ async def _forward(gw: GatewayState, worker: Worker, path: str, body: dict[str, 
 
 
 async def _open_stream(
-    gw: GatewayState, worker: Worker, path: str, body: dict[str, Any], ex: Exchange, wants_usage: bool
+    gw: GatewayState, worker: Worker, path: str, payload: bytes, ex: Exchange, wants_usage: bool
 ) -> Response:
-    """Streaming: open the upstream stream; errors before its first byte are ordinary error responses."""
-    request = gw.client.build_request(
-        "POST", worker.config.base_url + path, content=orjson.dumps(body),
-        headers=_upstream_headers(worker, ex.request_id),
-    )
+    """Streaming: open the upstream stream; errors before its first byte are ordinary error responses.
+
+    The worker's in-flight count is handed to the relay once the stream is open; on every other way
+    out (errors, cancellation) it is given back here.
+    """
+    request = gw.client.build_request("POST", worker.config.base_url + path, content=payload,
+                                      headers=_upstream_headers(worker, ex.request_id))
     worker.in_flight += 1
-    t = time.perf_counter()
+    handed_over = False
     try:
-        resp = await gw.client.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        worker.in_flight -= 1
-        raise from_httpx(exc, worker.name) from None
-    finally:
-        ex.upstream_s += time.perf_counter() - t
-    if resp.status_code != 200:
+        t = time.perf_counter()
         try:
-            content = await resp.aread()
-        except httpx.HTTPError:
-            content = b""
+            resp = await gw.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise from_httpx(exc, worker.name) from None
         finally:
-            await resp.aclose()
+            ex.upstream_s += time.perf_counter() - t
+        if resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await resp.aclose()
+            raise from_upstream_status(worker.name, resp.status_code, content)
+        relay = StreamRelay(gw, worker, resp, ex, wants_usage)
+        handed_over = True
+    finally:
+        if not handed_over:
             worker.in_flight -= 1
-        raise from_upstream_status(worker.name, resp.status_code, content)
-    return RelayResponse(StreamRelay(gw, worker, resp, ex, wants_usage), headers=ex.headers())
+    ex.freeze_stream_overhead()
+    return RelayResponse(relay, headers=ex.headers())
 
 
 class StreamRelay(EventSource):
@@ -215,6 +238,7 @@ class StreamRelay(EventSource):
         saw_done = False
         try:
             async for chunk in self._resp.aiter_raw():
+                t = time.perf_counter()
                 out = bytearray()
                 for event in splitter.feed(chunk):
                     data = event_data(event)
@@ -225,6 +249,7 @@ class StreamRelay(EventSource):
                     elif not self._keep(data):
                         continue
                     out += event + b"\n\n"
+                ex.relay_s += time.perf_counter() - t  # the gateway's own work on this chunk
                 if out:
                     if ex.ttft_s is None:
                         ex.ttft_s = time.perf_counter() - ex.started
@@ -234,7 +259,7 @@ class StreamRelay(EventSource):
         except (httpx.HTTPError, GatewayError) as exc:
             err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
                 self._worker.name, type(exc).__name__)
-            ex.status, ex.error = "stream_error", err.message
+            ex.status, ex.error = "stream_error", err.log_message()
             yield err.sse_event() + b"data: [DONE]\n\n"
         self._completed = True
 
@@ -249,7 +274,8 @@ class StreamRelay(EventSource):
         if not isinstance(obj, dict):
             return True
         if "error" in obj:
-            self._ex.status, self._ex.error = "stream_error", str(obj["error"])[:500]
+            # The worker's own error event; its message may quote the request, so it is not logged.
+            self._ex.status, self._ex.error = "stream_error", "the worker sent an error event"
             return True
         usage = obj.get("usage")
         if usage:

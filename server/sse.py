@@ -27,7 +27,10 @@ class EventSplitter:
         """Add bytes; return the events completed by them, without their trailing blank line."""
         self._buf += chunk
         if b"\r" in self._buf:  # normalise CRLF/CR line endings, which the SSE spec allows
-            self._buf = self._buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            # A trailing CR may be the first half of a CRLF split across chunks: keep it for later.
+            held = self._buf.endswith(b"\r")
+            body = self._buf[:-1] if held else self._buf
+            self._buf = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
         if b"\n\n" not in self._buf:
             return []
         *events, self._buf = self._buf.split(b"\n\n")
@@ -73,11 +76,14 @@ class RelayResponse(Response):
             async with anyio.create_task_group() as tg:
 
                 async def stream() -> None:
-                    await send({"type": "http.response.start", "status": self.status_code,
-                                "headers": self.raw_headers})
-                    async for chunk in self.source:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    try:
+                        await send({"type": "http.response.start", "status": self.status_code,
+                                    "headers": self.raw_headers})
+                        async for chunk in self.source:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:
+                        pass  # the client went away while we wrote (servers that raise on send)
                     tg.cancel_scope.cancel()
 
                 async def watch() -> None:
@@ -86,8 +92,6 @@ class RelayResponse(Response):
 
                 tg.start_soon(stream)
                 tg.start_soon(watch)
-        except OSError:
-            pass  # the client went away while we wrote; the source is closed below
         finally:
             with anyio.CancelScope(shield=True):
                 await self.source.aclose()

@@ -55,8 +55,8 @@ class GatewayState:
             client=client,
             metrics=metrics,
             recorder=Recorder(metrics),
-            health=HealthMonitor(registry, client, config.server.health_interval_s,
-                                 config.server.health_timeout_s),
+            health=HealthMonitor(registry, config.server.health_interval_s, config.server.health_timeout_s,
+                                 config.server.health_failures_to_down),
         )
 
     async def aclose(self) -> None:

@@ -41,6 +41,7 @@ class Worker:
     in_flight: int = 0
     last_error: str | None = None
     checked_at: float | None = None
+    failures: int = 0  # consecutive failed health checks
     auth_headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -76,6 +77,9 @@ class WorkerRegistry:
                 key = os.environ.get(wc.api_key_env)
                 if key:
                     headers["authorization"] = f"Bearer {key}"
+                else:
+                    log.warning("worker %s: environment variable %s is not set; sending no API key",
+                                wc.name, wc.api_key_env)
             worker = Worker(config=wc, auth_headers=headers)
             self.workers[wc.name] = worker
             self.by_model.setdefault(wc.model, []).append(worker)
@@ -107,31 +111,46 @@ class WorkerRegistry:
 
 
 class HealthMonitor:
-    """Polls each worker's health URL in the background and records the result on the worker."""
+    """Polls each worker's health URL in the background and records the result on the worker.
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.AsyncClient, interval_s: float, timeout_s: float):
+    It has its own small HTTP client: health checks must not queue behind (or be refused by) a request
+    pool that is full of long streams, which would mark healthy workers down exactly under load.
+    """
+
+    def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float, failures_to_down: int,
+                 client: httpx.AsyncClient | None = None) -> None:
         self._registry = registry
-        self._client = client
+        self._client = client or httpx.AsyncClient(
+            timeout=timeout_s, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            trust_env=False,
+        )
         self._interval = interval_s
         self._timeout = timeout_s
+        self._failures_to_down = failures_to_down
         self._task: asyncio.Task[None] | None = None
 
     async def check(self, worker: Worker) -> None:
-        """Check one worker now."""
+        """Check one worker now. Never raises: any failure marks the check failed."""
         try:
-            resp = await self._client.get(
-                worker.config.resolved_health_url(), headers=worker.auth_headers, timeout=self._timeout
-            )
+            resp = await self._client.get(worker.config.resolved_health_url(), headers=worker.auth_headers,
+                                          timeout=self._timeout)
             ok = resp.status_code == 200
-            worker.last_error = None if ok else f"health check answered {resp.status_code}"
-        except httpx.HTTPError as exc:
-            ok = False
-            worker.last_error = f"health check failed: {type(exc).__name__}"
-        if (worker.health is Health.UP) != ok:
-            log.info("worker %s is %s%s", worker.name, "up" if ok else "down",
-                     "" if ok else f" ({worker.last_error})")
-        worker.health = Health.UP if ok else Health.DOWN
+            error = None if ok else f"health check answered {resp.status_code}"
+        except Exception as exc:  # any failure to check is a failed check
+            ok, error = False, f"health check failed: {type(exc).__name__}"
         worker.checked_at = time.time()
+        worker.last_error = error
+        if ok:
+            if worker.health is not Health.UP:
+                log.info("worker %s is up", worker.name)
+            worker.health, worker.failures = Health.UP, 0
+            return
+        worker.failures += 1
+        # A worker not yet seen up is down at once; one that was up gets the benefit of the doubt.
+        if worker.health is not Health.UP or worker.failures >= self._failures_to_down:
+            if worker.health is not Health.DOWN:
+                log.warning("worker %s is down (%s)", worker.name, error)
+            worker.health = Health.DOWN
 
     async def check_all(self) -> None:
         """Check every worker concurrently."""
@@ -139,7 +158,10 @@ class HealthMonitor:
 
     async def _run(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not stop health checking for good
+                log.exception("health check round failed")
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:
@@ -147,9 +169,10 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._run(), name="turnout-health")
 
     async def stop(self) -> None:
-        """Stop polling."""
+        """Stop polling and close the health client."""
         if self._task is not None:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._client.aclose()

@@ -49,6 +49,11 @@ async def test_malformed_json_is_400(fakes: dict[str, Upstream]) -> None:
         ({"model": "auto", "messages": MSG, "stream": "yes"}, "stream"),
         ({"model": "auto", "messages": MSG, "temperature": 9}, "temperature"),
         ({"model": 5, "messages": MSG}, "model"),
+        ({"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+         "messages[0].content"),
+        ({"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+         "messages[0].content"),
+        ({"model": "auto", "messages": MSG, "temperature": "0.5"}, "temperature"),
     ],
 )
 async def test_schema_violations_are_400_naming_the_field(
@@ -189,3 +194,39 @@ async def test_every_response_has_a_request_id(fakes: dict[str, Upstream]) -> No
         assert len(raw.headers.get_list("x-turnout-request-id")) == 1
         ids.add(raw.headers["x-turnout-request-id"])
     assert len(ids) == 7
+
+
+async def test_nesting_too_deep_to_forward_is_400(fakes: dict[str, Upstream]) -> None:
+    deep = "[" * 300 + "]" * 300
+    body = '{"model": "auto", "messages": [{"role": "user", "content": "x"}], "x": ' + deep + "}"
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        r = await gw.http.post("/v1/chat/completions", content=body.encode())
+    assert r.status_code == 400 and "cannot be forwarded" in r.json()["error"]["message"]
+
+
+async def test_worker_redirect_and_auth_failure_are_502(fakes: dict[str, Upstream]) -> None:
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        for status, code in ((302, "upstream_error"), (401, "upstream_auth_failed")):
+            with pytest.raises(openai.APIStatusError) as exc:
+                await gw.client.chat.completions.create(model="auto", messages=MSG,
+                                                        extra_body={"fake": {"status": status}})
+            assert exc.value.status_code == 502
+            assert exc.value.body["code"] == code  # type: ignore[index]
+
+
+async def test_in_flight_returns_to_zero_after_every_kind_of_request(fakes: dict[str, Upstream]) -> None:
+    async with gateway_in_process(fake_config(fakes, upstream={"read_timeout_s": 0.3})) as gw:
+        for fake in ({}, {"status": 500}, {"hang": True}, {"drop_after": 1}):
+            for stream in (False, True):
+                try:
+                    resp = await gw.client.chat.completions.create(model="auto", messages=MSG, stream=stream,
+                                                                   max_tokens=3, extra_body={"fake": fake})
+                    if stream:
+                        async for _ in resp:  # type: ignore[union-attr]
+                            pass
+                except openai.APIError:
+                    pass
+        state = gw.app.state.gateway
+        assert {w.name: w.in_flight for w in state.registry.workers.values()} == {"small": 0, "big": 0}
+        metrics = (await gw.http.get("/metrics")).text
+    assert "turnout_in_flight_requests 0.0" in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,5 +114,51 @@ def test_client_disconnect_during_a_non_streaming_request(gateway: str, fakes: d
         time.sleep(0.1)
     deadline = time.monotonic() + 10
     while sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def readyz_in_flight(gateway: str) -> dict[str, int]:
+    workers = httpx.get(f"{gateway}/readyz", timeout=5).json()["workers"]
+    return {name: w["in_flight"] for name, w in workers.items()}
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_disconnect_before_the_worker_answers_leaves_no_request_in_flight(gateway: str) -> None:
+    # The worker never answers, not even headers; the client gives up; nothing may stay counted.
+    for stream in (True, False):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gateway}/v1/chat/completions", timeout=httpx.Timeout(30, read=0.5),
+                       json={"model": "small", "messages": MSG, "stream": stream, "fake": {"hang": True}})
+    deadline = time.monotonic() + 10
+    while readyz_in_flight(gateway) != {"small": 0, "big": 0}:
+        assert time.monotonic() < deadline, readyz_in_flight(gateway)
+        time.sleep(0.1)
+    while sample_sum(f"{gateway}/metrics", "turnout_in_flight_requests") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.usefixtures("fake_reset")
+def test_stream_overhead_excludes_the_time_spent_streaming(gateway: str, sdk: openai.OpenAI) -> None:
+    before = sample_sum(f"{gateway}/metrics", "turnout_gateway_overhead_seconds_sum")
+    t0 = time.perf_counter()
+    list(sdk.chat.completions.create(model="auto", messages=MSG, max_tokens=10, stream=True,
+                                     extra_body={"fake": {"itl_ms": 100}}))
+    streamed_s = time.perf_counter() - t0
+    overhead_s = sample_sum(f"{gateway}/metrics", "turnout_gateway_overhead_seconds_sum") - before
+    # The stream took about a second; the gateway's own share of it is a small part of that.
+    assert overhead_s < streamed_s / 4, (overhead_s, streamed_s)
+
+
+def test_client_disconnect_during_the_upload_is_recorded_cleanly(gateway: str) -> None:
+    host, port = gateway.removeprefix("http://").split(":")
+    before = sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": \"auto\", ")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect") <= before:
         assert time.monotonic() < deadline
         time.sleep(0.1)

@@ -69,6 +69,22 @@ def test_every_problem_is_listed_at_once() -> None:
           "policies": {"a": {"type": "fixed", "worker": "a"}}}, "may not share its name"),
         ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1", "api_key": "sk-secret"}]},
          "workers[0].api_key: Extra inputs are not permitted"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://127.0.0.1:99999/v1"}]}, "out of range"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://h:port/v1"}]}, "workers[0].base_url"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1", "health_url": "http://[::1/h"}]},
+         "workers[0].health_url"),
+        ({"workers": [{"name": "auto", "model": "m", "base_url": "http://x/v1"}]}, "'auto' is reserved"),
+        ({"workers": [{"name": "a", "model": "turnout/x", "base_url": "http://x/v1"}]}, "is reserved"),
+        ({"workers": [{"name": "m3", "model": "m4", "base_url": "http://x/v1"},
+                      {"name": "b", "model": "m3", "base_url": "http://x/v1"}]}, "would be ambiguous"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1", "price": {"input_per_1m": ".inf"}}]},
+         "workers[0].price.input_per_1m"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1"}],
+          "policies": {"w": {"type": "weighted", "weights": {"a": float("inf")}}}}, "policies.w.weights.a"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1"}],
+          "policies": {"w": {"type": "weighted", "weights": {"a": 1}, "seed": -1}}}, "policies.w.seed"),
+        ({"workers": [{"name": "a", "model": "m", "base_url": "http://x/v1"}],
+          "policies": {"fixed": {"type": "fixed", "worker": "a", "bogus": 1}}}, "policies.fixed.bogus"),
     ],
 )
 def test_rejections(raw: object, fragment: str) -> None:
@@ -98,3 +114,19 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "2 problem(s)" in res.output
     assert "ghost" in res.output and "input_per_1m" in res.output
+
+
+def test_replica_prices_compare_with_defaults_filled_in() -> None:
+    w = {"model": "m", "base_url": "http://x/v1"}
+    cfg = parse_config({"workers": [{**w, "name": "a", "price": {}}, {**w, "name": "b"},
+                                    {**w, "name": "c", "price": {"input_per_1m": 0}}]})
+    assert len(cfg.workers) == 3
+
+
+def test_readme_config_snippet_is_valid() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Config"):]
+    snippet = section[section.index("```yaml") + len("```yaml"):]
+    snippet = snippet[:snippet.index("```")]
+    cfg = parse_config(yaml.safe_load(snippet))
+    assert cfg.upstream.keepalive_expiry_s == 4 and cfg.server.health_failures_to_down == 2

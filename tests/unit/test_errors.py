@@ -36,7 +36,7 @@ def test_worker_5xx_is_502() -> None:
         (httpx.ConnectTimeout("slow connect"), 502),
         (httpx.ReadTimeout("slow"), 504),
         (httpx.WriteTimeout("slow"), 504),
-        (httpx.PoolTimeout("busy"), 504),
+        (httpx.PoolTimeout("busy"), 503),
         (httpx.RemoteProtocolError("closed"), 502),
         (httpx.ReadError("reset"), 502),
     ],
@@ -51,3 +51,19 @@ def test_sse_error_event() -> None:
     ev = from_upstream_status("w", 500, b"").sse_event()
     assert ev.startswith(b"data: {") and ev.endswith(b"\n\n")
     assert orjson.loads(ev[6:])["error"]["code"] == "upstream_error"
+
+
+def test_worker_auth_failure_and_redirect_are_502() -> None:
+    for status in (401, 403):
+        err = from_upstream_status("w", status, b'{"error": {"message": "bad key"}}')
+        assert err.status == 502 and err.code == "upstream_auth_failed"
+    err = from_upstream_status("w", 302, b"")
+    assert err.status == 502 and err.code == "upstream_error"
+
+
+def test_worker_messages_are_not_logged() -> None:
+    # A worker's message can quote the prompt; the log keeps only status and type.
+    err = from_upstream_status("w", 400, b'{"error": {"message": "prompt SECRET too long", "type": "BadRequestError"}}')
+    assert err.message == "prompt SECRET too long"
+    assert "SECRET" not in err.log_message() and "400" in err.log_message()
+    assert err.status_label() == "worker_client_error"

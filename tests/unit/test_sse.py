@@ -52,3 +52,9 @@ def test_incomplete_event_stays_pending() -> None:
 
 def test_data_without_space() -> None:
     assert event_data(b"data:[DONE]") == b"[DONE]"
+
+
+def test_crlf_split_between_chunks_is_one_line_ending() -> None:
+    data = b"data: a\r\ndata: b\r\n\r\n"
+    for i in range(len(data) + 1):
+        assert [event_data(e) for e in events_of([data[:i], data[i:]])] == [b"a\nb"], i
