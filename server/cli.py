@@ -73,6 +73,52 @@ def serve(
                 timeout_graceful_shutdown=30)
 
 
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Option(help="Routing table (parquet, jsonl or csv)")],
+    router: Annotated[str, typer.Option(help="knn, cost_aware or bandit")],
+    out: Annotated[Path, typer.Option(help="Artifact directory to write")],
+    embedder: Annotated[str, typer.Option(help="onnx (default) or st:<model path>")] = "onnx",
+) -> None:
+    """Train a router on a table's training rows and write a versioned artifact."""
+    from routers.commands import run_train
+    from routers.dataset import TableError
+
+    try:
+        run_train(data, router, out, embedder, Console(width=None if Console().is_terminal else 150))
+    except (TableError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="Routing table (parquet, jsonl or csv)")],
+    router: Annotated[list[str] | None, typer.Option(help="Routers to evaluate (repeat)")] = None,
+    split: Annotated[str, typer.Option(help="Evaluation split when the table has one")] = "test",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds when it has none")] = 5,
+    group_level: Annotated[int | None, typer.Option(
+        help="Evaluate each task group on its own (1: mmlu/x -> mmlu)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the cost-quality plot here (PNG)")] = None,
+    online: Annotated[bool, typer.Option(help="Also replay the table through the bandit (regret)")] = False,
+    embedder: Annotated[str, typer.Option(help="onnx (default) or st:<model path>")] = "onnx",
+    seed: Annotated[int, typer.Option(help="Seed of splits and replays")] = 0,
+) -> None:
+    """Train each router on the training rows and report every routing metric on the evaluation rows."""
+    from routers.commands import run_eval
+    from routers.dataset import TableError
+    from routers.report import EvalOptions
+
+    try:
+        run_eval(data, router or ["knn", "cost_aware", "bandit"],
+                 EvalOptions(split=split, folds=folds, seed=seed, group_level=group_level), embedder,
+                 json_out, plot, online, Console(width=None if Console().is_terminal else 150))
+    except (TableError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

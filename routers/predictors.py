@@ -1,0 +1,142 @@
+"""Quality and cost predictors on prompt embeddings: what a cost-aware router trades off.
+
+Every predictor maps L2-normalised embeddings (n x d) to an (n x m) matrix, one column per model, and
+is fully described by plain arrays (`state()` / `from_state()`), so artifacts need no pickle and a store
+can hold them. Scores may be NaN (unknown); predictors skip unknowns model by model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.linear_model import LogisticRegression
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+Weighting = Literal["uniform", "softmax"]
+
+
+def _masked_weighted_mean(weights: F64, values: F64) -> F64:
+    """Per model, the weighted mean of neighbours' values ignoring NaN; NaN where no neighbour is known.
+
+    weights: (n, k); values: (n, k, m).
+    """
+    known = ~np.isnan(values)
+    w = weights[:, :, None] * known
+    total = w.sum(axis=1)
+    out = (w * np.nan_to_num(values)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, out / np.where(total > 0, total, 1), np.nan)
+
+
+@dataclass
+class KnnIndex:
+    """The training prompts' embeddings and, per model, their scores and costs."""
+
+    embeddings: F32  # (N, d), L2-normalised
+    scores: F64  # (N, m), NaN = unknown
+    costs: F64 | None  # (N, m) USD, or None when the table has no costs
+
+    def neighbours(self, x: F32, k: int) -> tuple[npt.NDArray[np.intp], F64]:
+        """Indices (n, k) of the k most similar training prompts and their cosine similarities."""
+        sims = x @ self.embeddings.T  # cosine: both sides are normalised
+        k = min(k, sims.shape[1])
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return idx, np.take_along_axis(sims, idx, axis=1).astype(np.float64)
+
+
+class KnnPredictor:
+    """Predicted quality = (weighted) mean score of the k nearest training prompts, per model.
+
+    `softmax` weights neighbours by exp(similarity / temperature), so closer prompts count more.
+    """
+
+    kind = "knn"
+
+    def __init__(self, index: KnnIndex, k: int = 20, weighting: Weighting = "softmax", temperature: float = 0.05):
+        self.index, self.k, self.weighting, self.temperature = index, k, weighting, temperature
+        # Where no neighbour knows a model, fall back to that model's training mean.
+        self._prior = np.nan_to_num(np.nanmean(index.scores, axis=0), nan=0.0)
+
+    def _weights(self, sims: F64) -> F64:
+        if self.weighting == "uniform":
+            return np.ones_like(sims)
+        z: F64 = (sims - sims.max(axis=1, keepdims=True)) / self.temperature
+        return np.exp(z)
+
+    def predict(self, x: F32) -> F64:
+        """(n, m) predicted quality in [0, 1]."""
+        idx, sims = self.index.neighbours(x, self.k)
+        q = _masked_weighted_mean(self._weights(sims), self.index.scores[idx])
+        return np.where(np.isnan(q), self._prior, q)
+
+    def predict_cost(self, x: F32) -> F64 | None:
+        """(n, m) predicted cost in USD from the neighbours' costs, or None without costs."""
+        if self.index.costs is None:
+            return None
+        idx, sims = self.index.neighbours(x, self.k)
+        c = _masked_weighted_mean(self._weights(sims), self.index.costs[idx])
+        return np.where(np.isnan(c), np.nanmean(self.index.costs, axis=0), c)
+
+
+class ProbePredictor:
+    """A logistic probe per model on the embedding: P(good answer | prompt).
+
+    Graded scores in [0, 1] are fitted as soft labels (each row twice, as 1 with weight s and as 0 with
+    weight 1 - s), which is the cross-entropy of the graded score.
+    """
+
+    kind = "probe"
+
+    def __init__(self, coef: F64, intercept: F64) -> None:
+        self.coef, self.intercept = coef, intercept  # (m, d), (m,)
+
+    @classmethod
+    def fit(cls, x: F32, scores: F64, c: float = 1.0) -> ProbePredictor:
+        """Fit one regularised logistic regression per model (C = `c`)."""
+        m, d = scores.shape[1], x.shape[1]
+        coef, intercept = np.zeros((m, d)), np.zeros(m)
+        for j in range(m):
+            s = scores[:, j]
+            keep = ~np.isnan(s)
+            xs, sj = x[keep], s[keep]
+            if len(sj) == 0:
+                continue
+            mean = float(sj.mean())
+            if mean <= 0.0 or mean >= 1.0:  # a model always right or always wrong: a constant
+                intercept[j] = np.log(max(mean, 1e-4) / max(1 - mean, 1e-4))
+                continue
+            xx = np.vstack([xs, xs])
+            yy = np.concatenate([np.ones(len(sj)), np.zeros(len(sj))])
+            ww = np.concatenate([sj, 1.0 - sj])
+            keep_w = ww > 0
+            lr = LogisticRegression(C=c, max_iter=1000)
+            lr.fit(xx[keep_w], yy[keep_w], sample_weight=ww[keep_w])
+            coef[j], intercept[j] = lr.coef_[0], lr.intercept_[0]
+        return cls(coef, intercept)
+
+    def predict(self, x: F32) -> F64:
+        """(n, m) predicted quality in [0, 1]."""
+        z = x.astype(np.float64) @ self.coef.T + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+class EnsemblePredictor:
+    """A weighted mean of a kNN and a probe prediction (the weight is chosen by cross-validation)."""
+
+    kind = "ensemble"
+
+    def __init__(self, knn: KnnPredictor, probe: ProbePredictor, knn_weight: float) -> None:
+        self.knn, self.probe, self.knn_weight = knn, probe, knn_weight
+
+    def predict(self, x: F32) -> F64:
+        """(n, m) predicted quality in [0, 1]."""
+        w = self.knn_weight
+        return w * self.knn.predict(x) + (1 - w) * self.probe.predict(x)
+
+    def predict_cost(self, x: F32) -> F64 | None:
+        """Costs come from the kNN part."""
+        return self.knn.predict_cost(x)
