@@ -23,11 +23,11 @@ TOPICS = {
 def table(n: int = 120, models: int = 3) -> pd.DataFrame:
     """Math prompts are solved only by the big model; geography prompts by every model."""
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict[str, str | float]] = []
     for i in range(n):
         topic = "math" if i % 2 else "geo"
         prompt = TOPICS[topic][i % 3].format(a=int(rng.integers(1, 999)), b=int(rng.integers(1, 999)))
-        row = {"prompt": prompt, "task": topic, "split": "test" if i % 5 == 0 else "train"}
+        row: dict[str, str | float] = {"prompt": prompt, "task": topic, "split": "test" if i % 5 == 0 else "train"}
         for j in range(models):
             row[f"score__m{j}"] = 1.0 if topic == "geo" or j == models - 1 else 0.0
             row[f"cost_usd__m{j}"] = 10.0 ** (j - 5)
