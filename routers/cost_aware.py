@@ -36,6 +36,10 @@ class QualityPredictor(Protocol):
         """(n, m) predicted cost in USD, or None."""
         ...
 
+    def predict_with_cost(self, x: F32) -> tuple[F64, F64 | None]:
+        """Both at once (one neighbour search where there is one)."""
+        ...
+
 
 def choose(q: F64, c: F64, lam: float, allowed: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.intp]:
     """Per row, the index maximising q - lam * c among allowed columns; ties go to the cheaper model."""

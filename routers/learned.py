@@ -42,8 +42,7 @@ class UtilityRouter:
 
     def scores(self, x: F32) -> tuple[F64, F64]:
         """Predicted quality and cost (USD) of every model for embeddings x (n, d)."""
-        q = self.predictor.predict(x)
-        c = self.predictor.predict_cost(x)
+        q, c = self.predictor.predict_with_cost(x)
         if c is None:
             c = np.broadcast_to(self.fallback_costs, q.shape).copy()
         return q, c
