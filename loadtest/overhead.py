@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import openai
 import yaml
 
 from loadtest.engines import fake_process, gateway_process
+from loadtest.results_io import write_results
 from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +128,7 @@ def main() -> None:
         o, d, g = r["overhead_header_ms"], r["client_latency_ms"]["direct"], r["client_latency_ms"]["gateway"]
         lines.append(f"| {r['concurrency']} | {o['median']:.3f} | {o['p99']:.3f} | {d['median']:.2f} / {d['p99']:.2f} "
                      f"| {g['median']:.2f} / {g['p99']:.2f} | {r['gateway_cpu_ms_per_request']:.2f} |")
-    md = "\n".join([*lines, ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, "\n".join([*lines, ""]))
 
 
 if __name__ == "__main__":

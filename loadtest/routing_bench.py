@@ -10,13 +10,13 @@ arithmetic of a decision does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from loadtest.results_io import write_results
 from routers.base import RoutingRequest
 from routers.learned import UtilityRouter
 from routers.predictors import EnsemblePredictor, KnnIndex, KnnPredictor, ProbePredictor
@@ -63,10 +63,7 @@ def main() -> None:
              "Command: `python -m loadtest.routing_bench`. Synthetic normalised embeddings; one decision at a",
              "time, as in the gateway. Target: <= 1 ms.", "", "| router | median ms | p99 ms |", "|---|---|---|"]
     lines += [f"| {k} | {v['median_ms']:.3f} | {v['p99_ms']:.3f} |" for k, v in results.items()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, out, "\n".join(lines))
 
 
 if __name__ == "__main__":
