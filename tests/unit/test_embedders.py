@@ -135,6 +135,8 @@ def test_batches_keep_long_texts_apart_from_short_ones() -> None:
     assert plan_batches(lengths, 32) == [(0, 31), (31, 32)]
     assert len(plan_batches([5] * 10, 4)) == 3  # equal lengths: as few calls as the cap allows
     assert plan_batches([], 32) == []
+    assert plan_batches([200] * 4, 32, max_tokens=512) == [(0, 2), (2, 4)]  # a token cap per call
+    assert plan_batches([600, 700], 32, max_tokens=512) == [(0, 1), (1, 2)]  # a text over the cap goes alone
     for lengths in ([1, 2, 3, 50, 51, 200, 256, 256], list(range(1, 100))):
         batches = plan_batches(lengths, 8)
         assert batches[0][0] == 0 and batches[-1][1] == len(lengths)
