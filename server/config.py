@@ -123,11 +123,12 @@ class TurnoutConfig(_Model):
         raise KeyError(name)
 
 
-def _loc(parts: tuple[int | str, ...]) -> str:
+def field_path(parts: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the user wrote it: `workers[0].price`, `messages[1].content`."""
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
+    return out
 
 
 def _schema_problems(exc: ValidationError) -> list[str]:
@@ -137,7 +138,7 @@ def _schema_problems(exc: ValidationError) -> list[str]:
         # pydantic puts the discriminator tag after the policy name: ("policies", name, "fixed", ...).
         if len(loc) > 2 and loc[0] == "policies" and loc[2] in _POLICY_TYPES:
             loc = loc[:2] + loc[3:]
-        problems.append(f"{_loc(loc)}: {err['msg']}")
+        problems.append(f"{field_path(loc) or '(top level)'}: {err['msg']}")
     return problems
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.config import field_path
 from server.errors import GatewayError, bad_request
 
 
@@ -77,13 +78,6 @@ class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def _is_union_tag(part: int | str) -> bool:
     """pydantic puts union member tags such as `str` or `list[TextPart]` into error locations."""
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or not part.isidentifier())
@@ -100,7 +94,7 @@ def validate_body(schema: type[_Sampling], body: Any) -> _Sampling:
         # Union members each report an error; the shortest location is the field the client wrote.
         first = min(errors, key=lambda e: len(e["loc"]))
         loc = tuple(p for p in first["loc"] if not _is_union_tag(p))
-        param = _param(loc)
+        param = field_path(loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
 
