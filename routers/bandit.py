@@ -87,16 +87,23 @@ class LinUCB:
 
 
 class BanditRouter:
-    """Routes by LinUCB over the models; `observe` with a quality (feedback) updates the chosen arm."""
+    """Routes by LinUCB over the models; `observe` with a quality (feedback) updates the chosen arm.
+
+    `queue_penalty` is subtracted from an arm's upper bound per request waiting in its queue (live load is
+    not part of the learned reward, so that load does not teach the bandit that a model is bad).
+    """
+
+    needs_embedding = True
 
     def __init__(self, name: str, models: Sequence[str], projection: Projection, bandit: LinUCB, *,
                  cost_ref: float, mean_costs: F64, lam: float = 0.0, embedder: Embedder | None = None,
-                 version: str = "", max_pending: int = 100_000) -> None:
+                 version: str = "", max_pending: int = 100_000, queue_penalty: float = 0.0) -> None:
         self.name, self.models, self.projection, self.bandit = name, list(models), projection, bandit
         self.cost_ref, self.mean_costs, self.lam = cost_ref, mean_costs, lam
         self.embedder, self.version = embedder, version
         self._pending: OrderedDict[str, tuple[F64, int]] = OrderedDict()
         self._max_pending = max_pending
+        self.queue_penalty = queue_penalty
 
     def targets(self) -> Sequence[str]:
         """The models (arms)."""
@@ -122,6 +129,8 @@ class BanditRouter:
         """Choose the arm with the highest upper confidence bound among the candidates."""
         z = self.features(req)
         mean, ucb = self.bandit.ucb(z)
+        if self.queue_penalty and req.queue:
+            ucb = ucb - self.queue_penalty * np.array([req.queue.get(m, 0.0) for m in self.models])
         names = [m for m in self.models if m in req.candidates] or self.models
         cols = [self.models.index(m) for m in names]
         order = sorted(cols, key=lambda j: -ucb[j])

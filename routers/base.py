@@ -7,7 +7,7 @@ predicted quality and cost, so that each decision can be logged, exported and ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +21,8 @@ class RoutingRequest:
 
     `candidates` are the names the policy may choose among (worker or model names, in the policy's
     own order). `embedding` is the L2-normalised prompt embedding when the gateway computed one.
+    `queue` is the live load per candidate (requests waiting at its least loaded worker), for policies
+    with a queueing penalty; empty when unknown.
     """
 
     request_id: str
@@ -29,6 +31,7 @@ class RoutingRequest:
     embedding: npt.NDArray[np.float32] | None = None
     max_cost_usd: float | None = None
     min_quality: float | None = None
+    queue: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,8 @@ class Router(Protocol):
     read the environment, do I/O at import time or know about HTTP."""
 
     name: str
+    #: Whether `route` needs `RoutingRequest.embedding` (the gateway embeds the prompt only if so).
+    needs_embedding: bool
 
     def route(self, req: RoutingRequest) -> RoutingDecision:
         """Choose one of `req.candidates`."""

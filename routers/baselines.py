@@ -12,6 +12,8 @@ from routers.base import CandidateScore, RoutingDecision, RoutingOutcome, Routin
 class FixedRouter:
     """Always chooses one target; the reference point every learned policy is compared with."""
 
+    needs_embedding = False
+
     def __init__(self, name: str, target: str) -> None:
         self.name = name
         self.target = target
@@ -36,6 +38,8 @@ class FixedRouter:
 class WeightedRouter:
     """Chooses at random in proportion to configured weights (a canary or A/B split)."""
 
+    needs_embedding = False
+
     def __init__(self, name: str, weights: dict[str, float], rng: np.random.Generator) -> None:
         total = sum(weights.values())
         if total <= 0:
@@ -50,17 +54,23 @@ class WeightedRouter:
         return list(self._names)
 
     def route(self, req: RoutingRequest) -> RoutingDecision:
-        """Draw one target by weight; the ranking lists the rest by weight for fallback."""
-        idx = int(self._rng.choice(len(self._names), p=self._probs))
+        """Draw one target by weight among the request's candidates (all targets when it names none of
+        them, e.g. every one is down); the ranking lists the rest by weight for fallback."""
+        live = np.array([n in req.candidates for n in self._names])
+        if not live.any() or self._probs[live].sum() <= 0:
+            live[:] = True
+        probs = np.where(live, self._probs, 0.0)
+        probs = probs / probs.sum()
+        idx = int(self._rng.choice(len(self._names), p=probs))
         chosen = self._names[idx]
         ranking = sorted(
-            (CandidateScore(name=n, score=float(p)) for n, p in zip(self._names, self._probs, strict=True)),
+            (CandidateScore(name=n, score=float(p)) for n, p in zip(self._names, probs, strict=True)),
             key=lambda c: (c.name != chosen, -c.score),
         )
         return RoutingDecision(
             chosen=chosen,
             ranking=tuple(ranking),
-            reason=f"weighted draw: {chosen} (p={self._probs[idx]:.2f})",
+            reason=f"weighted draw: {chosen} (p={probs[idx]:.2f})",
             policy=self.name,
         )
 

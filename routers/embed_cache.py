@@ -55,6 +55,20 @@ class CachedEmbedder:
         """Forget every cached vector (the counters are kept)."""
         self._rows.clear()
 
+    def get(self, text: str) -> npt.NDArray[np.float32] | None:
+        """The cached vector of `text` (marked most recently used), or None; counted as a hit or a miss."""
+        row = self._rows.get(text)
+        if row is None:
+            self.misses += 1
+            return None
+        self._rows.move_to_end(text)
+        self.hits += 1
+        return row
+
+    def put(self, text: str, row: npt.NDArray[np.float32]) -> None:
+        """Store a vector computed elsewhere (e.g. by a batch), evicting the least recently used."""
+        self._store(text, row)
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Rows for `texts` in order; only texts not cached are passed to the inner embedder."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)

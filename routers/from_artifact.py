@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from routers.artifacts import Artifact
 from routers.bandit import BanditRouter, LinUCB, Projection
 from routers.base import Router
@@ -18,25 +20,38 @@ def knn_predictor(art: Artifact) -> KnnPredictor:
     return KnnPredictor(index, k=int(knn["k"]), weighting=knn["weighting"], temperature=float(knn["temperature"]))
 
 
-def router_from_artifact(name: str, art: Artifact, *, lam: float = 0.0, embedder: Embedder | None = None,
-                         pacer: BudgetPacer | None = None) -> Router:
-    """The router an artifact describes, under the policy name `name`."""
+def router_from_artifact(name: str, art: Artifact, *, names: Sequence[str] | None = None, lam: float | None = None,
+                         alpha: float | None = None, embedder: Embedder | None = None,
+                         pacer: BudgetPacer | None = None, queue_penalty: float = 0.0) -> Router:
+    """The router an artifact describes, under the policy name `name`.
+
+    `names` label the artifact's model columns (default: the artifact's own model names), so a policy can
+    route to this config's workers. `lam` and `alpha` default to what the artifact was trained with (0 for
+    the utility routers).
+    """
     a, meta = art.arrays, art.meta
+    labels = list(names) if names is not None else art.models
+    if len(labels) != len(art.models):
+        raise ValueError(f"{len(labels)} names for the artifact's {len(art.models)} models")
     cost_ref = float(meta["cost_ref"])
     if art.router == "bandit":
         proj = Projection(mean=a["proj_mean"], components=a["proj_components"])
-        bandit = LinUCB(len(art.models), a["bandit_a"].shape[1], alpha=float(meta["bandit"]["alpha"]))
+        trained = meta["bandit"]
+        bandit = LinUCB(len(labels), a["bandit_a"].shape[1],
+                        alpha=float(trained["alpha"]) if alpha is None else alpha)
         bandit.load(a["bandit_a"], a["bandit_b"], a["bandit_n"])
-        return BanditRouter(name, art.models, proj, bandit, cost_ref=cost_ref, mean_costs=a["mean_costs"],
-                            lam=float(meta["bandit"]["lambda"]) if lam == 0.0 else lam, embedder=embedder,
-                            version=art.version)
+        return BanditRouter(name, labels, proj, bandit, cost_ref=cost_ref, mean_costs=a["mean_costs"],
+                            lam=float(trained["lambda"]) if lam is None else lam, embedder=embedder,
+                            version=art.version, queue_penalty=queue_penalty)
     knn = knn_predictor(art)
     if art.router == "knn":
-        return UtilityRouter(name, "knn", knn, art.models, cost_ref=cost_ref, lam=lam,
-                             fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version)
+        return UtilityRouter(name, "knn", knn, labels, cost_ref=cost_ref, lam=lam or 0.0,
+                             fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version,
+                             queue_penalty=queue_penalty)
     if art.router == "cost_aware":
         probe = ProbePredictor(a["probe_coef"], a["probe_intercept"])
         pred = EnsemblePredictor(knn, probe, float(meta["knn_weight"]))
-        return UtilityRouter(name, "cost_aware", pred, art.models, cost_ref=cost_ref, lam=lam,
-                             fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version)
+        return UtilityRouter(name, "cost_aware", pred, labels, cost_ref=cost_ref, lam=lam or 0.0,
+                             fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version,
+                             queue_penalty=queue_penalty)
     raise ValueError(f"artifact router type {art.router!r} is not one this Turnout builds")

@@ -18,16 +18,21 @@ F64 = npt.NDArray[np.float64]
 class UtilityRouter:
     """Routes each prompt to argmax over candidates of predicted quality - lambda x normalised cost.
 
-    `models` are the routing table's model names, in the predictor's column order. A `pacer`, when
-    given, owns lambda and moves it so that spend tracks a budget; `observe` feeds it the actual cost.
+    `models` label the predictor's columns (the routing table's model names, or the config names they route
+    to). A `pacer`, when given, owns lambda and moves it so that spend tracks a budget; `observe` feeds it the
+    actual cost. `queue_penalty` is subtracted from a candidate's utility per request waiting in its queue.
     """
+
+    needs_embedding = True
 
     def __init__(self, name: str, kind: str, predictor: QualityPredictor, models: Sequence[str], *,
                  cost_ref: float, lam: float = 0.0, fallback_costs: F64 | None = None,
-                 embedder: Embedder | None = None, pacer: BudgetPacer | None = None, version: str = "") -> None:
+                 embedder: Embedder | None = None, pacer: BudgetPacer | None = None, version: str = "",
+                 queue_penalty: float = 0.0) -> None:
         self.name, self.kind, self.predictor = name, kind, predictor
         self.models = list(models)
         self.cost_ref, self.lam, self.pacer = cost_ref, lam, pacer
+        self.queue_penalty = queue_penalty
         self.embedder, self.version = embedder, version
         # Mean cost per model on the training data, for predictors that do not predict cost.
         self.fallback_costs = fallback_costs if fallback_costs is not None else np.zeros(len(self.models))
@@ -63,11 +68,16 @@ class UtilityRouter:
         names = [m for m in self.models if m in req.candidates] or self.models
         cols = np.array([self.models.index(m) for m in names])
         utility = q[cols] - lam * c[cols] / self.cost_ref
-        allowed = np.ones(len(cols), dtype=bool)
         why = ""
+        if self.queue_penalty and req.queue:
+            waiting = np.array([req.queue.get(n, 0.0) for n in names])
+            utility = utility - self.queue_penalty * waiting
+            if waiting.any():
+                why = f", queue penalty {self.queue_penalty:g}/waiting request"
+        allowed = np.ones(len(cols), dtype=bool)
         if req.max_cost_usd is not None:
             allowed &= c[cols] <= req.max_cost_usd
-            why = f", cost <= ${req.max_cost_usd:g}"
+            why += f", cost <= ${req.max_cost_usd:g}"
         if req.min_quality is not None:
             allowed &= q[cols] >= req.min_quality
             why += f", quality >= {req.min_quality:g}"

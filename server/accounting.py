@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from routers.base import RoutingDecision
 from server.config import Price
 from server.metrics import Metrics
 
 request_log = logging.getLogger("turnout.requests")
+log = logging.getLogger("turnout.accounting")
+
+
+def header_text(text: str, limit: int = 200) -> str:
+    """`text` made safe for an HTTP header value: ASCII, one line, at most `limit` characters."""
+    flat = " ".join(text.split()).encode("ascii", "replace").decode("ascii")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 @dataclass(slots=True)
@@ -38,6 +47,13 @@ class Exchange:
     http_status: int = 200
     error: str | None = None
     finished: bool = False
+    decision: RoutingDecision | None = None
+    shadow: RoutingDecision | None = None
+    routing_s: float | None = None
+    embed_cached: bool | None = None
+    affinity: bool = False
+    # Run once when the request ends (after metrics): tell the policy the outcome, and so on.
+    on_finish: list[Callable[[Exchange], None]] = field(default_factory=list)
 
     def overhead_s(self, now: float | None = None) -> float:
         """Time spent in the gateway, excluding time waiting on the worker. For a stream: the time before
@@ -51,13 +67,30 @@ class Exchange:
         self.stream_overhead_s = self.overhead_s()
 
     def headers(self) -> dict[str, str]:
-        """The `x-turnout-*` response headers known so far."""
-        return {
+        """The `x-turnout-*` response headers known so far: where the request went and, when a policy
+        chose, a summary of its decision (the full one is `POST /v1/route`)."""
+        out = {
             "x-turnout-request-id": self.request_id,
             "x-turnout-model": self.worker or "",
             "x-turnout-policy": self.policy or "",
             "x-turnout-overhead-ms": f"{self.overhead_s() * 1000:.3f}",
         }
+        d = self.decision
+        if d is not None:
+            out["x-turnout-artifact"] = d.version
+            out["x-turnout-reason"] = header_text(d.reason)
+            chosen = next((c for c in d.ranking if c.name == d.chosen), None)
+            if chosen is not None and chosen.predicted_quality is not None:
+                out["x-turnout-predicted-quality"] = f"{chosen.predicted_quality:.4f}"
+            if chosen is not None and chosen.predicted_cost_usd is not None:
+                out["x-turnout-predicted-cost-usd"] = f"{chosen.predicted_cost_usd:.6g}"
+            if self.routing_s is not None:
+                out["x-turnout-routing-ms"] = f"{self.routing_s * 1000:.3f}"
+            if self.affinity:
+                out["x-turnout-affinity"] = "1"
+        if self.shadow is not None:
+            out["x-turnout-shadow-model"] = self.shadow.chosen
+        return out
 
     def set_usage(self, usage: Any, price: Price | None) -> None:
         """Take token counts from an OpenAI `usage` object and price them."""
@@ -98,6 +131,17 @@ class Recorder:
         m.overhead.observe(ex.overhead_s(now))
         if ex.status not in ("ok", "client_error") and ex.worker:
             m.upstream_errors.labels(ex.worker, ex.status).inc()
+        if ex.decision is not None:
+            m.decisions.labels(policy, ex.decision.chosen, "affinity" if ex.affinity else "policy").inc()
+            if ex.routing_s is not None:
+                m.routing.labels(policy).observe(ex.routing_s)
+        if ex.shadow is not None and ex.decision is not None:
+            m.shadow_decisions.labels(policy, ex.shadow.policy, ex.decision.chosen, ex.shadow.chosen).inc()
+        for callback in ex.on_finish:
+            try:
+                callback(ex)
+            except Exception:  # a policy's bookkeeping must never break request accounting
+                log.exception("on_finish callback failed for request %s", ex.request_id)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info(orjson.dumps({
                 "request_id": ex.request_id, "endpoint": ex.endpoint, "policy": ex.policy,
@@ -107,4 +151,25 @@ class Recorder:
                 "cost_usd": ex.cost_usd, "latency_ms": round((now - ex.started) * 1000, 3),
                 "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
                 "overhead_ms": round(ex.overhead_s(now) * 1000, 3),
+                **_decision_log(ex),
             }).decode())
+
+
+def _decision_log(ex: Exchange) -> dict[str, Any]:
+    """The decision's part of the request log line: the ranking, and the shadow's choice next to it."""
+    if ex.decision is None:
+        return {}
+    d = ex.decision
+    out: dict[str, Any] = {
+        "artifact": d.version, "routing_ms": None if ex.routing_s is None else round(ex.routing_s * 1000, 3),
+        "embed_cached": ex.embed_cached, "affinity": ex.affinity,
+        "candidates": [{"name": c.name, "score": round(c.score, 6), "quality": c.predicted_quality,
+                        "cost_usd": c.predicted_cost_usd} for c in d.ranking],
+    }
+    if ex.shadow is not None:
+        s = ex.shadow
+        pick = next((c for c in s.ranking if c.name == s.chosen), None)
+        out["shadow"] = {"policy": s.policy, "model": s.chosen, "artifact": s.version,
+                         "quality": pick.predicted_quality if pick else None,
+                         "cost_usd": pick.predicted_cost_usd if pick else None}
+    return out

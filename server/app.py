@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,8 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
+from routers.embedders import Embedder
+from server.admin import handle_feedback, handle_reload, handle_route, reload_and_log
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
 from server.middleware import RequestIdMiddleware
@@ -21,6 +26,7 @@ from server.state import GatewayState
 from server.workers import Health
 
 CONFIG_ENV = "TURNOUT_CONFIG"
+log = logging.getLogger("turnout.app")
 
 
 def create_app(
@@ -29,29 +35,43 @@ def create_app(
     config_path: str | Path | None = None,
     client: httpx.AsyncClient | None = None,
     health_checks: bool = True,
+    embedder: Embedder | None = None,
+    handle_sighup: bool = False,
 ) -> FastAPI:
     """Build the gateway app from a config object, a config file, or the file named by `TURNOUT_CONFIG`.
 
+    `config_path` is also what a reload re-reads (with `config` given too, `config` is what starts).
     `client` replaces the pooled upstream client (tests use it to reach in-process fakes);
-    `health_checks=False` skips the background health polling.
+    `health_checks=False` skips the background health and load polling; `embedder` replaces the
+    configured embedder; `handle_sighup` makes SIGHUP reload the config file.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        path = config_path or os.environ.get(CONFIG_ENV)
         cfg = config
         if cfg is None:
-            path = config_path or os.environ.get(CONFIG_ENV)
             if not path:
                 raise RuntimeError(f"no config: pass --config FILE or set {CONFIG_ENV}")
             cfg = load_config(path)
-        state = GatewayState.build(cfg, client)
+        state = GatewayState(cfg, config_path=path, client=client, embedder=embedder)
         app.state.gateway = state
         app.state.started_at = time.time()
-        if health_checks:
-            state.health.start()
+        state.start(background_checks=health_checks)
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        if handle_sighup and path:
+            def on_sighup() -> None:
+                task = loop.create_task(reload_and_log(state, "SIGHUP"))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             yield
         finally:
+            if handle_sighup and path:
+                with suppress(Exception):
+                    loop.remove_signal_handler(signal.SIGHUP)
             await state.aclose()
 
     app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
@@ -70,12 +90,24 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await handle_completion("completions", request, gw(request))
 
+    @app.post("/v1/route", summary="Explain: the routing decision for a chat request, without running it")
+    async def route(request: Request) -> Response:
+        return await handle_route(request, gw(request))
+
+    @app.post("/v1/feedback", summary="Score a routed request's answer (0..1) for learning policies")
+    async def feedback(request: Request) -> Response:
+        return await handle_feedback(request, gw(request))
+
+    @app.post("/admin/reload", summary="Re-read the config file and swap it in (admin key required)")
+    async def reload(request: Request) -> Response:
+        return await handle_reload(request, gw(request))
+
     @app.get("/v1/models", summary="Served models and routing policies")
     async def models(request: Request) -> JSONResponse:
         created = int(request.app.state.started_at)
         data = [
             {"id": mid, "object": "model", "created": created, "owned_by": "turnout"}
-            for mid in gw(request).table.model_ids()
+            for mid in gw(request).live.table.model_ids()
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -85,10 +117,11 @@ def create_app(
 
     @app.get("/readyz", summary="At least one worker is reachable")
     async def readyz(request: Request) -> JSONResponse:
-        registry = gw(request).registry
+        registry = gw(request).live.registry
         workers = {
             w.name: {"model": w.model, "health": w.health.value, "in_flight": w.in_flight,
-                     "error": w.last_error}
+                     "error": w.last_error, "running": w.running, "waiting": w.waiting,
+                     "kv_cache_usage": w.kv_cache_usage}
             for w in registry.workers.values()
         }
         ready = any(w.health is Health.UP for w in registry.workers.values())

@@ -13,7 +13,8 @@ import uvicorn
 from rich.console import Console
 
 from server.app import CONFIG_ENV, create_app
-from server.config import ConfigError, load_config
+from server.config import ConfigError
+from server.state import check_config_file
 
 
 class LogLevel(enum.StrEnum):
@@ -38,9 +39,9 @@ def _print_problems(source: Path, exc: ConfigError) -> None:
 
 @app.command("check-config")
 def check_config(file: Annotated[Path, typer.Argument(help="YAML config to validate")]) -> None:
-    """Validate a config file; list every problem and exit 1 if there are any."""
+    """Validate a config file and its policies' artifacts; list every problem and exit 1 if there are any."""
     try:
-        cfg = load_config(file)
+        cfg = check_config_file(file)
     except ConfigError as exc:
         _print_problems(file, exc)
         raise typer.Exit(1) from None
@@ -62,14 +63,15 @@ def serve(
         err.print(f"[red]no config: pass --config FILE or set {CONFIG_ENV}[/red]")
         raise typer.Exit(2)
     try:
-        cfg = load_config(path)  # fail fast, before binding the port
+        cfg = check_config_file(path)  # fail fast, before binding the port
     except ConfigError as exc:
         _print_problems(path, exc)
         raise typer.Exit(1) from None
     logging.basicConfig(level=log_level.value.upper(), format="%(message)s")
     # httpx logs every upstream request at INFO; the request log already has one line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level.value, access_log=access_log,
+    app_ = create_app(cfg, config_path=path, handle_sighup=True)
+    uvicorn.run(app_, host=host, port=port, log_level=log_level.value, access_log=access_log,
                 timeout_graceful_shutdown=30)
 
 

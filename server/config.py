@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import yaml
@@ -70,8 +70,11 @@ class WorkerConfig(_Model):
     price: Price = Price()
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     health_url: str | None = None
+    # Where the queue length is read (vLLM's Prometheus text); `poll_load: false` for upstreams without it.
+    metrics_url: str | None = None
+    poll_load: bool = True
 
-    @field_validator("base_url", "health_url")
+    @field_validator("base_url", "health_url", "metrics_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         return None if v is None else check_http_url(v).rstrip("/")
@@ -79,6 +82,14 @@ class WorkerConfig(_Model):
     def resolved_health_url(self) -> str:
         """Where the health check looks: `health_url`, else the OpenAI `models` listing."""
         return self.health_url or f"{self.base_url}/models"
+
+    def resolved_metrics_url(self) -> str:
+        """Where the load poller looks: `metrics_url`, else `/metrics` at the root of `base_url`'s server
+        (vLLM's layout: the API under /v1, metrics beside it)."""
+        if self.metrics_url:
+            return self.metrics_url
+        root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        return f"{root}/metrics"
 
 
 class UpstreamConfig(_Model):
@@ -104,6 +115,29 @@ class ServerConfig(_Model):
     # A worker that was up is marked down only after this many failed checks in a row, so one slow
     # answer does not take it out of rotation for a whole interval.
     health_failures_to_down: Annotated[int, Field(ge=1)] = 2
+    # How often each worker's /metrics is read for its queue (vllm:num_requests_waiting and friends).
+    load_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    # Feedback (`POST /v1/feedback`) is accepted for this long after a request, for this many requests.
+    feedback_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    feedback_max_requests: Annotated[int, Field(ge=1)] = 100_000
+    # The environment variable holding the key of `POST /admin/reload`; unset = admin endpoints disabled.
+    admin_key_env: str = Field(default="TURNOUT_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class EmbedderConfig(_Model):
+    """The prompt embedder of learned policies, and its batching and cache."""
+
+    backend: Literal["onnx", "st"] = "onnx"
+    # For `st`: a local sentence-transformers model directory (never fetched from a hub).
+    model_path: str | None = None
+    cache_size: Annotated[int, Field(ge=0)] = 10_000
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
+    # Concurrent requests arriving within this window are embedded in one model call.
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
+
+    def spec(self) -> str:
+        """The `routers.embedders.make_embedder` spec string."""
+        return "onnx" if self.backend == "onnx" else f"st:{self.model_path}"
 
 
 class TurnoutConfig(_Model):
@@ -114,6 +148,7 @@ class TurnoutConfig(_Model):
     default_policy: str | None = None
     upstream: UpstreamConfig = UpstreamConfig()
     server: ServerConfig = ServerConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
 
     def worker(self, name: str) -> WorkerConfig:
         """The worker called `name` (KeyError if none)."""
@@ -154,6 +189,8 @@ def _policy_targets(spec: Any) -> list[str]:
         targets.append(spec["worker"])
     if isinstance(spec.get("weights"), dict):
         targets.extend(str(k) for k in spec["weights"])
+    if isinstance(spec.get("models"), dict):  # learned policies: artifact model -> config name
+        targets.extend(str(v) for v in spec["models"].values())
     return targets
 
 
@@ -198,6 +235,13 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
         for target in _policy_targets(spec):
             if target not in known:
                 problems.append(f"policies.{pname}: unknown worker or model {target!r} (known: {sorted(known)})")
+        shadow = spec.get("shadow") if isinstance(spec, dict) else None
+        if isinstance(shadow, str) and (shadow == pname or shadow not in policies):
+            problems.append(f"policies.{pname}.shadow: {shadow!r} must name another policy "
+                            f"(known: {sorted(set(policies) - {pname})})")
+    embedder = raw.get("embedder")
+    if isinstance(embedder, dict) and embedder.get("backend") == "st" and not embedder.get("model_path"):
+        problems.append("embedder.model_path: the 'st' backend needs a local model directory")
     default = raw.get("default_policy")
     if default is not None and default not in policies:
         problems.append(f"default_policy: unknown policy {default!r} (known: {sorted(policies)})")

@@ -50,3 +50,19 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("turnout_in_flight_requests", "Requests in progress.", registry=r)
+        self.decisions = Counter(
+            "turnout_routing_decisions", "Routing decisions by policy, chosen model and how (policy or affinity).",
+            ["policy", "model", "how"], registry=r,
+        )
+        self.routing = Histogram(
+            "turnout_routing_duration_seconds", "Time to decide a route (embedding + scoring).", ["policy"],
+            buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        self.shadow_decisions = Counter(
+            "turnout_shadow_decisions", "Requests by live policy's and shadow policy's choices.",
+            ["policy", "shadow", "live_model", "shadow_model"], registry=r,
+        )
+        self.feedback = Counter(
+            "turnout_feedback", "Feedback received, by policy and result.", ["policy", "result"], registry=r,
+        )
+        self.reloads = Counter("turnout_config_reloads", "Config reloads by result.", ["result"], registry=r)

@@ -54,7 +54,20 @@ class StreamOptions(_Open):
     include_usage: StrictBool | None = None
 
 
-class _Sampling(_Open):
+class RouteOptions(BaseModel):
+    """The `turnout` body field (the `openai` SDK's `extra_body`): per-request routing choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: StrictStr | None = Field(default=None, min_length=1)
+    max_cost_usd: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = None
+    min_quality: Annotated[float, Field(strict=True, ge=0, le=1)] | None = None
+    candidates: list[StrictStr] | None = Field(default=None, min_length=1)
+
+
+class OpenAIRequest(_Open):
+    """What chat and text completion requests share: model, sampling, streaming, and Turnout's own field."""
+
     model: StrictStr = Field(min_length=1)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -63,16 +76,17 @@ class _Sampling(_Open):
     temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
     user: StrictStr | None = None
+    turnout: RouteOptions | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(OpenAIRequest):
     """`POST /v1/chat/completions` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(OpenAIRequest):
     """`POST /v1/completions` body."""
 
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -83,7 +97,7 @@ def _is_union_tag(part: int | str) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or not part.isidentifier())
 
 
-def validate_body(schema: type[_Sampling], body: Any) -> _Sampling:
+def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
     """Validate a decoded JSON body; a `GatewayError` 400 naming the first bad field otherwise."""
     if not isinstance(body, dict):
         raise bad_request(f"Request body must be a JSON object, got {type(body).__name__}.")
@@ -129,6 +143,7 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "GatewayError",
+    "RouteOptions",
     "content_text",
     "prompt_text",
     "validate_body",

@@ -19,6 +19,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from routers.base import RoutingOutcome
 from server.accounting import Exchange
 from server.errors import (
     GatewayError,
@@ -29,9 +30,10 @@ from server.errors import (
     payload_too_large,
     upstream_stream_error,
 )
-from server.protocol import ChatCompletionRequest, CompletionRequest, prompt_text, validate_body
+from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, prompt_text, validate_body
+from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
-from server.state import GatewayState
+from server.state import GatewayState, Live
 from server.workers import Worker
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
@@ -74,21 +76,48 @@ def encode_json(body: dict[str, Any]) -> bytes:
         raise bad_request(f"Request body cannot be forwarded: {exc}") from None
 
 
+def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
+    """What routing needs from a validated request: the text a policy reads (the last user message; see
+    `prompt_text`), the per-request routing choices, and the session for affinity."""
+    session = request.headers.get(SESSION_HEADER) or req.user
+    return RouteInput(model=req.model, text=prompt_text(body), options=req.turnout,
+                      header_policy=request.headers.get(POLICY_HEADER), session=session or None)
+
+
+def apply_selection(gw: GatewayState, live: Live, sel: Selection, ex: Exchange) -> None:
+    """Note the decision on the exchange, and arrange for the policy to hear the outcome."""
+    ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
+    ex.routing_s, ex.embed_cached, ex.affinity = (sel.routing_s if sel.policy else None), sel.embed_cached, sel.affinity
+    ex.reason = sel.decision.reason if sel.decision else None
+    router, decision = sel.router, sel.decision
+    if router is None or decision is None:
+        return
+    gw.feedback.record(ex.request_id, router, decision.chosen)
+
+    def tell_policy(done: Exchange) -> None:
+        gw.feedback.set_cost(done.request_id, done.cost_usd)
+        router.observe(RoutingOutcome(request_id=done.request_id, chosen=decision.chosen, ok=done.status == "ok",
+                                      cost_usd=done.cost_usd, latency_s=time.perf_counter() - done.started))
+
+    ex.on_finish.append(tell_policy)
+
+
 async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Response:
     """Serve `POST /v1/chat/completions` (`kind="chat"`) or `POST /v1/completions`."""
     path, schema = ENDPOINTS[kind]
     ex = Exchange(request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex, endpoint=kind)
     gw.metrics.in_flight.inc()
     streaming = False
+    live = gw.live  # one snapshot for the whole request, whatever a reload does meanwhile
     try:
-        body = decode_json(await read_body(request, gw.config.server.max_body_bytes))
+        body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(schema, body)
         ex.stream = bool(req.stream)
-        table = gw.table  # one snapshot for the whole request, whatever a reload does meanwhile
-        selection = table.select(req.model, ex.request_id, prompt_text(body))
-        ex.policy = selection.policy
-        ex.reason = selection.decision.reason if selection.decision else None
-        worker = gw.registry.pick(selection.target)
+        body.pop("turnout", None)  # the gateway's own field; workers never see it
+        selection = await select(live.table, live.registry, gw.embedding, gw.affinity,
+                                 route_input(request, body, req), ex.request_id)
+        apply_selection(gw, live, selection, ex)
+        worker = live.registry.pick(selection.target)
         ex.worker, ex.model = worker.name, worker.model
         body["model"] = worker.model
         if ex.stream:

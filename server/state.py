@@ -1,16 +1,32 @@
-"""Everything one running gateway holds, built in the app's lifespan and closed with it."""
+"""Everything one running gateway holds, built in the app's lifespan and closed with it.
+
+What a config defines (the config itself, its policies, its workers) sits in one immutable `Live` snapshot.
+A reload builds a complete new snapshot off to the side and swaps one reference; each request reads the
+snapshot once and keeps it to the end, so requests in flight finish on the config they started with.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
+from routers.embedders import Embedder, make_embedder
 from server.accounting import Recorder
-from server.config import TurnoutConfig, UpstreamConfig
+from server.config import ConfigError, TurnoutConfig, UpstreamConfig, load_config
+from server.embedding import EmbeddingService
+from server.feedback import FeedbackBook
+from server.load import LoadMonitor
 from server.metrics import Metrics
-from server.routing import RoutingTable
+from server.routing import RoutingTable, artifact_context
+from server.sessions import AffinityStore
 from server.workers import HealthMonitor, WorkerRegistry
+
+log = logging.getLogger("turnout.state")
 
 
 def make_client(cfg: UpstreamConfig) -> httpx.AsyncClient:
@@ -30,36 +46,127 @@ def make_client(cfg: UpstreamConfig) -> httpx.AsyncClient:
     )
 
 
-@dataclass
-class GatewayState:
-    """The gateway's live parts. `table` is replaced whole on reload; requests take one snapshot."""
+@dataclass(frozen=True)
+class Live:
+    """One config's worth of gateway: the config, its policies and its workers."""
 
     config: TurnoutConfig
     table: RoutingTable
     registry: WorkerRegistry
-    client: httpx.AsyncClient
-    metrics: Metrics
-    recorder: Recorder
-    health: HealthMonitor
+    generation: int
+    loaded_at: float
 
-    @classmethod
-    def build(cls, config: TurnoutConfig, client: httpx.AsyncClient | None = None) -> GatewayState:
-        """Build every part from a validated config."""
-        client = client or make_client(config.upstream)
+
+def needs_embedder(config: TurnoutConfig) -> bool:
+    """Whether any policy type of `config` looks at prompt embeddings (before building anything)."""
+    return any(spec.type in ("knn", "cost_aware", "bandit") for spec in config.policies.values())
+
+
+def build_table(config: TurnoutConfig, config_path: str | Path | None, embedder_id: str | None,
+                source: str = "config") -> RoutingTable:
+    """The routing table of `config` (`ConfigError` listing every policy that cannot be built)."""
+    return RoutingTable(config, artifact_context(config_path, embedder_id), source)
+
+
+def check_config_file(path: str | Path) -> TurnoutConfig:
+    """Load a config and build its policies (loading artifacts) without starting anything; what
+    `turnout check-config` and a reload run. `ConfigError` lists every problem."""
+    config = load_config(path)
+    embedder_id = make_embedder(config.embedder.spec()).id if needs_embedder(config) else None
+    build_table(config, path, embedder_id, str(path))
+    return config
+
+
+class GatewayState:
+    """The gateway's live parts. `live` is replaced whole on reload."""
+
+    def __init__(self, config: TurnoutConfig, *, config_path: str | Path | None = None,
+                 client: httpx.AsyncClient | None = None, embedder: Embedder | None = None) -> None:
+        """Build every part from a validated config (`ConfigError` if a policy cannot be built)."""
+        self.config_path = config_path
+        self.client = client or make_client(config.upstream)
+        self.metrics = Metrics()
+        self.recorder = Recorder(self.metrics)
+        self.embedding: EmbeddingService | None = None
+        if embedder is not None or needs_embedder(config):
+            self.embedding = self._make_embedding(config, embedder)
         registry = WorkerRegistry(config)
-        metrics = Metrics()
-        return cls(
-            config=config,
-            table=RoutingTable(config),
-            registry=registry,
-            client=client,
-            metrics=metrics,
-            recorder=Recorder(metrics),
-            health=HealthMonitor(registry, config.server.health_interval_s, config.server.health_timeout_s,
-                                 config.server.health_failures_to_down),
-        )
+        table = build_table(config, config_path, self.embedding.id if self.embedding else None,
+                            str(config_path or "config"))
+        self.live = Live(config, table, registry, generation=1, loaded_at=time.time())
+        srv = config.server
+        self.health = HealthMonitor(registry, srv.health_interval_s, srv.health_timeout_s, srv.health_failures_to_down)
+        self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)
+        self.feedback = FeedbackBook(srv.feedback_ttl_s, srv.feedback_max_requests)
+        self.affinity = AffinityStore()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    @property
+    def config(self) -> TurnoutConfig:
+        """The config in force."""
+        return self.live.config
+
+    @staticmethod
+    def _make_embedding(config: TurnoutConfig, embedder: Embedder | None) -> EmbeddingService:
+        e = config.embedder
+        return EmbeddingService(embedder or make_embedder(e.spec()), cache_size=e.cache_size,
+                                max_batch=e.max_batch, max_wait_ms=e.max_wait_ms)
+
+    def start(self, background_checks: bool = True) -> None:
+        """Start the embedding batcher and (unless disabled) health and load polling."""
+        if self.embedding is not None:
+            self.embedding.start()
+        if background_checks:
+            self.health.start()
+            self.load.start()
+        self._started = background_checks
+
+    async def reload(self, config: TurnoutConfig | None = None) -> Live:
+        """Swap in a new config (default: re-read the config file). On any problem raise `ConfigError`
+        listing them all and leave the running config untouched."""
+        async with self._reload_lock:
+            source = str(self.config_path or "config")
+            if config is None:
+                if self.config_path is None:
+                    raise ConfigError(["this gateway was started without a config file; nothing to re-read"])
+                config = await asyncio.to_thread(load_config, self.config_path)
+            old = self.live
+            problems = []
+            if config.upstream != old.config.upstream:
+                problems.append("upstream: connection pool settings take effect only on restart")
+            if config.embedder != old.config.embedder and (self.embedding is not None or needs_embedder(config)):
+                problems.append("embedder: changing the embedder takes effect only on restart (artifacts must "
+                                "match it)")
+            if problems:
+                raise ConfigError(problems, source)
+            embedding = self.embedding or (self._make_embedding(config, None) if needs_embedder(config) else None)
+            # Loading artifacts reads files: off the event loop, so requests keep flowing meanwhile.
+            table = await asyncio.to_thread(build_table, config, self.config_path,
+                                            embedding.id if embedding else None, source)
+            if embedding is not None and self.embedding is None:
+                self.embedding = embedding
+                embedding.start()
+            registry = WorkerRegistry(config, previous=old.registry)
+            srv = config.server
+            self.health.registry, self.load.registry = registry, registry
+            self.health.interval, self.health.failures_to_down = srv.health_interval_s, srv.health_failures_to_down
+            self.load.interval = srv.load_interval_s
+            self.feedback.ttl_s, self.feedback.max_requests = srv.feedback_ttl_s, srv.feedback_max_requests
+            self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time())
+            if self._started and any(w.health.value == "unknown" for w in registry.workers.values()):
+                # New workers: learn their health now rather than at the next round.
+                task = asyncio.create_task(self.health.check_all())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            log.info("config reloaded (generation %d, %d policies)", self.live.generation, len(table.routers))
+            return self.live
 
     async def aclose(self) -> None:
-        """Stop background work and close the client."""
+        """Stop background work and close the clients."""
         await self.health.stop()
+        await self.load.stop()
+        if self.embedding is not None:
+            await self.embedding.stop()
         await self.client.aclose()

@@ -1,7 +1,9 @@
 """The worker registry: runtime state of each upstream, replica choice, and the health monitor.
 
-A routing policy chooses a *model* (or names one worker); the registry then picks the replica: the
-healthy worker serving that model with the fewest requests in flight from this gateway.
+A routing policy chooses a *model* (or names one worker); the registry then picks the replica: among the
+workers not known to be down, the one with the least load. Load is what the worker itself reports (vLLM's
+running and waiting requests, polled by `server.load.LoadMonitor`) when that is fresh, plus the requests
+this gateway has sent since, so several gateways sharing workers still spread by the workers' real queues.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ class Worker:
     checked_at: float | None = None
     failures: int = 0  # consecutive failed health checks
     auth_headers: dict[str, str] = field(default_factory=dict)
+    # The worker's own queue, from its /metrics (None until read, or when it has none).
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None
+    load_at: float | None = None  # time.monotonic() of the last successful read
+    load_error: str | None = None
+
+    def load(self, fresh_s: float = 10.0) -> float:
+        """Requests on this worker: its reported running + waiting when read within `fresh_s`, else this
+        gateway's own in-flight count (whichever is larger: the report lags behind requests just sent)."""
+        reported = 0.0
+        if self.load_at is not None and time.monotonic() - self.load_at <= fresh_s:
+            reported = (self.running or 0.0) + (self.waiting or 0.0)
+        return max(reported, float(self.in_flight))
+
+    def queue(self, fresh_s: float = 10.0) -> float:
+        """Requests waiting at this worker (not yet running), as it last reported; 0 when unknown."""
+        if self.load_at is not None and time.monotonic() - self.load_at <= fresh_s:
+            return self.waiting or 0.0
+        return 0.0
 
     @property
     def name(self) -> str:
@@ -67,10 +89,17 @@ class Worker:
 class WorkerRegistry:
     """Workers by name and by model, and the choice of a replica."""
 
-    def __init__(self, config: TurnoutConfig) -> None:
+    def __init__(self, config: TurnoutConfig, previous: WorkerRegistry | None = None) -> None:
+        """Workers of `config`; with `previous` (a reload), a worker whose config is unchanged is the same
+        object, so its health, load and in-flight count carry over."""
         self.workers: dict[str, Worker] = {}
         self.by_model: dict[str, list[Worker]] = {}
         for wc in config.workers:
+            old = previous.workers.get(wc.name) if previous is not None else None
+            if old is not None and old.config == wc:
+                self.workers[wc.name] = old
+                self.by_model.setdefault(wc.model, []).append(old)
+                continue
             headers: dict[str, str] = {}
             if wc.api_key_env:
                 # Secrets come from the environment only; a missing variable means no auth header.
@@ -94,16 +123,25 @@ class WorkerRegistry:
             return [self.workers[target]]
         return list(self.by_model.get(target, ()))
 
+    def usable(self, target: str) -> list[Worker]:
+        """Workers for `target` not known to be down."""
+        return [w for w in self.resolve(target) if w.health is not Health.DOWN]
+
+    def queue(self, target: str) -> float:
+        """Requests waiting at the least loaded usable worker for `target` (what a new request would join)."""
+        usable = self.usable(target)
+        return min(w.queue() for w in usable) if usable else 0.0
+
     def pick(self, target: str) -> Worker:
-        """The replica for `target`: not known to be down, fewest in flight, random among ties."""
-        candidates = self.resolve(target)
-        usable = [w for w in candidates if w.health is not Health.DOWN]
+        """The replica for `target`: not known to be down, least loaded, random among ties."""
+        usable = self.usable(target)
         if not usable:
             raise no_worker_available(target)
         if len(usable) == 1:
             return usable[0]
-        least = min(w.in_flight for w in usable)
-        return random.choice([w for w in usable if w.in_flight == least])
+        loads = [w.load() for w in usable]
+        least = min(loads)
+        return random.choice([w for w, load in zip(usable, loads, strict=True) if load == least])
 
     def any_up(self) -> bool:
         """True when at least one worker passed its last health check."""
@@ -119,14 +157,14 @@ class HealthMonitor:
 
     def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float, failures_to_down: int,
                  client: httpx.AsyncClient | None = None) -> None:
-        self._registry = registry
+        self.registry = registry  # replaced on reload
         self._client = client or httpx.AsyncClient(
             timeout=timeout_s, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             trust_env=False,
         )
-        self._interval = interval_s
+        self.interval = interval_s
         self._timeout = timeout_s
-        self._failures_to_down = failures_to_down
+        self.failures_to_down = failures_to_down
         self._task: asyncio.Task[None] | None = None
 
     async def check(self, worker: Worker) -> None:
@@ -147,14 +185,14 @@ class HealthMonitor:
             return
         worker.failures += 1
         # A worker not yet seen up is down at once; one that was up gets the benefit of the doubt.
-        if worker.health is not Health.UP or worker.failures >= self._failures_to_down:
+        if worker.health is not Health.UP or worker.failures >= self.failures_to_down:
             if worker.health is not Health.DOWN:
                 log.warning("worker %s is down (%s)", worker.name, error)
             worker.health = Health.DOWN
 
     async def check_all(self) -> None:
         """Check every worker concurrently."""
-        await asyncio.gather(*(self.check(w) for w in self._registry.workers.values()))
+        await asyncio.gather(*(self.check(w) for w in self.registry.workers.values()))
 
     async def _run(self) -> None:
         while True:
@@ -162,7 +200,7 @@ class HealthMonitor:
                 await self.check_all()
             except Exception:  # a bug here must not stop health checking for good
                 log.exception("health check round failed")
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
 
     def start(self) -> None:
         """Start polling (the first round runs at once)."""

@@ -128,7 +128,7 @@ async def test_unreachable_worker_is_502(fakes: dict[str, Upstream]) -> None:
     raw = fake_config(fakes)
     raw["workers"].append({"name": "gone", "model": "gone-model", "base_url": "http://127.0.0.1:9/v1"})
     async with gateway_in_process(raw) as gw:
-        gw.app.state.gateway.registry.workers["gone"].health = gw.app.state.gateway.registry.workers[
+        gw.app.state.gateway.live.registry.workers["gone"].health = gw.app.state.gateway.live.registry.workers[
             "small"].health  # pretend the health check has not noticed yet
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as exc:
@@ -227,6 +227,6 @@ async def test_in_flight_returns_to_zero_after_every_kind_of_request(fakes: dict
                 except openai.APIError:
                     pass
         state = gw.app.state.gateway
-        assert {w.name: w.in_flight for w in state.registry.workers.values()} == {"small": 0, "big": 0}
+        assert {w.name: w.in_flight for w in state.live.registry.workers.values()} == {"small": 0, "big": 0}
         metrics = (await gw.http.get("/metrics")).text
     assert "turnout_in_flight_requests 0.0" in metrics

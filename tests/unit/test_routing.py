@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -14,7 +15,9 @@ from routers.registry import REGISTRY, build_router
 from routers.specs import FixedSpec, WeightedSpec
 from server.config import parse_config
 from server.errors import GatewayError
-from server.routing import RoutingTable
+from server.protocol import RouteOptions
+from server.routing import RouteInput, RoutingTable, Selection, select
+from server.sessions import AffinityStore
 from server.workers import Health, WorkerRegistry
 
 REQ = RoutingRequest(request_id="r", text="hi", candidates=("a", "b"))
@@ -59,29 +62,80 @@ def test_weighted_router_with_a_zero_weight_never_picks_it() -> None:
 
 
 def test_registry_is_explicit() -> None:
-    assert set(REGISTRY) == {"fixed", "weighted"}
+    assert set(REGISTRY) == {"fixed", "weighted", "knn", "cost_aware", "bandit"}
     assert isinstance(build_router("f", FixedSpec(type="fixed", worker="x")), FixedRouter)
     assert isinstance(build_router("w", WeightedSpec(type="weighted", weights={"x": 1})), WeightedRouter)
 
 
-def test_table_resolution() -> None:
+async def choose(t: RoutingTable, model: str, options: RouteOptions | None = None,
+                 header: str | None = None, reg: WorkerRegistry | None = None) -> Selection:
+    reg = reg or WorkerRegistry(t.config)
+    return await select(t, reg, None, AffinityStore(), RouteInput(model, "hi", options, header), "r")
+
+
+async def test_table_resolution() -> None:
     t = RoutingTable(config())
-    assert t.select("auto", "r", "hi").policy == "fix"
-    assert t.select("auto", "r", "hi").target == "b"
-    assert t.select("turnout/split", "r", "hi").target in {"A", "b"}
-    assert t.select("a2", "r", "hi").policy is None
-    assert t.select("A", "r", "hi").target == "A"
+    assert (await choose(t, "auto")).policy == "fix"
+    assert (await choose(t, "auto")).target == "b"
+    assert (await choose(t, "turnout/split")).target in {"A", "b"}
+    assert (await choose(t, "a2")).policy is None
+    assert (await choose(t, "A")).target == "A"
     for bad in ("nope", "turnout/nope", "turnout/", "Auto"):
         with pytest.raises(GatewayError) as exc:
-            t.select(bad, "r", "hi")
+            await choose(t, bad)
         assert exc.value.status == 404
     assert t.model_ids() == ["A", "B", "auto", "turnout/fix", "turnout/split"]
 
 
-def test_weighted_seed_makes_decisions_repeatable() -> None:
+async def test_policy_named_by_header_or_body_field() -> None:
+    t = RoutingTable(config())
+    assert (await choose(t, "auto", header="split")).policy == "split"
+    assert (await choose(t, "auto", RouteOptions(policy="split"))).policy == "split"
+    assert (await choose(t, "turnout/split", RouteOptions(policy="split"))).policy == "split"
+    cases = [("auto", RouteOptions(policy="split"), "fix", 400),  # header and body disagree
+             ("turnout/fix", RouteOptions(policy="split"), None, 400),  # model and body disagree
+             ("a2", None, "split", 400),  # a direct worker name takes no policy
+             ("auto", None, "nope", 404)]
+    for model, opts, header, status in cases:
+        with pytest.raises(GatewayError) as exc:
+            await choose(t, model, opts, header)
+        assert exc.value.status == status, (model, opts, header)
+
+
+async def test_candidates_limit_and_health_filter() -> None:
+    t = RoutingTable(config())
+    reg = WorkerRegistry(t.config)
+    assert {(await choose(t, "turnout/split", RouteOptions(candidates=["b"]), reg=reg)).target
+            for _ in range(20)} == {"b"}
+    with pytest.raises(GatewayError) as exc:
+        await choose(t, "turnout/split", RouteOptions(candidates=["zzz"]), reg=reg)
+    assert exc.value.status == 400 and "zzz" in exc.value.message
+    reg.workers["b"].health = Health.DOWN  # a down candidate leaves the draw
+    assert {(await choose(t, "turnout/split", reg=reg)).target for _ in range(20)} == {"A"}
+    reg.workers["a1"].health = reg.workers["a2"].health = Health.DOWN
+    with pytest.raises(GatewayError) as exc:
+        await choose(t, "turnout/split", reg=reg)
+    assert exc.value.status == 503
+
+
+async def test_weighted_seed_makes_decisions_repeatable() -> None:
     t1, t2 = RoutingTable(config()), RoutingTable(config())
-    assert [t1.select("turnout/split", "r", "x").target for _ in range(50)] == [
-        t2.select("turnout/split", "r", "x").target for _ in range(50)]
+    assert [(await choose(t1, "turnout/split")).target for _ in range(50)] == [
+        (await choose(t2, "turnout/split")).target for _ in range(50)]
+
+
+def test_replica_choice_uses_the_workers_reported_queue() -> None:
+    reg = WorkerRegistry(config())
+    a1, a2 = reg.workers["a1"], reg.workers["a2"]
+    # a1 reports a long queue (from other gateways); a2 is idle: a2 gets the request.
+    a1.running, a1.waiting, a1.load_at = 4.0, 6.0, time.monotonic()
+    assert {reg.pick("A").name for _ in range(20)} == {"a2"}
+    assert reg.queue("A") == 0.0
+    a2.running, a2.waiting, a2.load_at = 8.0, 3.0, time.monotonic()
+    assert reg.pick("A") is a1 and reg.queue("A") == 3.0
+    a1.load_at = a2.load_at = time.monotonic() - 60  # stale readings fall back to our own count
+    a1.in_flight = 2
+    assert reg.pick("A") is a2 and reg.queue("A") == 0.0
 
 
 def test_replica_choice_prefers_idle_and_healthy() -> None:
