@@ -17,6 +17,7 @@ import yaml
 from fastapi import FastAPI
 
 from loadtest.engines import fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
+from routers.embedders import Embedder
 from server.app import create_app
 from server.config import TurnoutConfig, parse_config
 from tests.procs import ManagedProcess, free_port
@@ -99,10 +100,15 @@ class InProcess:
 
 
 @asynccontextmanager
-async def gateway_in_process(config: TurnoutConfig | dict[str, Any]) -> AsyncIterator[InProcess]:
-    """Run the app (with its lifespan) and talk to it through ASGI, no socket."""
-    cfg = config if isinstance(config, TurnoutConfig) else parse_config(config)
-    app = create_app(cfg)
+async def gateway_in_process(config: TurnoutConfig | dict[str, Any] | Path,
+                             embedder: Embedder | None = None) -> AsyncIterator[InProcess]:
+    """Run the app (with its lifespan) and talk to it through ASGI, no socket. A config file path is
+    also what `/admin/reload` re-reads; `embedder` replaces the configured one."""
+    if isinstance(config, Path):
+        app = create_app(config_path=config, embedder=embedder)
+    else:
+        cfg = config if isinstance(config, TurnoutConfig) else parse_config(config)
+        app = create_app(cfg, embedder=embedder)
     async with app.router.lifespan_context(app):
         await app.state.gateway.health.check_all()
         transport = httpx2.ASGITransport(app=app)
