@@ -1,0 +1,134 @@
+"""The gateway's routing parts on their own: embedding micro-batches and cache, vLLM load parsing,
+session affinity and the feedback book."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from routers.base import RoutingDecision, RoutingOutcome, RoutingRequest
+from server.embedding import EmbeddingService
+from server.feedback import FeedbackBook
+from server.load import parse_vllm_load
+from server.sessions import AffinityStore
+from tests.routing_fixtures import TopicEmbedder
+
+
+class SlowEmbedder(TopicEmbedder):
+    """Takes a while per call, like a real model, so concurrent requests pile up behind one batch."""
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        import time
+
+        time.sleep(0.02)
+        return super().embed(texts)
+
+
+async def test_concurrent_misses_share_batches_and_repeats_hit_the_cache() -> None:
+    emb = SlowEmbedder()
+    svc = EmbeddingService(emb, cache_size=100, max_batch=8, max_wait_ms=5)
+    svc.start()
+    try:
+        texts = [f"prompt {i}" for i in range(20)]
+        got = await asyncio.gather(*(svc.embed(t) for t in texts))
+        assert len(emb.calls) < 20 and max(emb.calls) <= 8 and sum(emb.calls) == 20
+        assert not any(g.cached for g in got)
+        for g, row in zip(got, TopicEmbedder().embed(texts), strict=True):
+            assert np.allclose(g.vector, row)
+        again = await svc.embed("prompt 3")
+        assert again.cached and np.allclose(again.vector, got[3].vector)
+        # The same text asked for twice at once is embedded once.
+        calls = sum(emb.calls)
+        twins = await asyncio.gather(svc.embed("twin"), svc.embed("twin"))
+        assert sum(emb.calls) == calls + 1 and np.allclose(twins[0].vector, twins[1].vector)
+    finally:
+        await svc.stop()
+
+
+class BrokenEmbedder(TopicEmbedder):
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if any("boom" in t for t in texts):
+            raise RuntimeError("model failed")
+        return super().embed(texts)
+
+
+async def test_a_failing_batch_fails_its_waiters_and_the_service_goes_on() -> None:
+    svc = EmbeddingService(BrokenEmbedder(), max_wait_ms=0)
+    svc.start()
+    try:
+        with pytest.raises(RuntimeError, match="model failed"):
+            await svc.embed("boom")
+        assert not (await svc.embed("fine")).cached
+    finally:
+        await svc.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        await EmbeddingService(TopicEmbedder()).embed("x")
+
+
+def test_parse_vllm_load() -> None:
+    text = "\n".join([
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        "# TYPE vllm:num_requests_waiting gauge",
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 5.0',
+        'vllm:num_requests_waiting{engine="1",model_name="m"} 2.0',
+        "# TYPE vllm:gpu_cache_usage_perc gauge",
+        'vllm:gpu_cache_usage_perc{model_name="m"} 0.5',
+        "",
+    ])
+    assert parse_vllm_load(text) == (3.0, 7.0, 0.5)
+    assert parse_vllm_load("# TYPE other gauge\nother 1\n") == (None, None, None)
+    with pytest.raises(ValueError):
+        parse_vllm_load("this is { not prometheus")
+
+
+def test_affinity_store_expires_and_evicts() -> None:
+    now = [0.0]
+    store = AffinityStore(clock=lambda: now[0])
+    store.put("p", "s1", "big", max_sessions=2)
+    store.put("p", "s2", "small", max_sessions=2)
+    assert store.get("p", "s1", ttl_s=10) == "big"
+    assert store.get("other", "s1", ttl_s=10) is None  # per policy
+    store.put("p", "s3", "small", max_sessions=2)  # evicts the least recently used: s2
+    assert store.get("p", "s2", ttl_s=10) is None and len(store) == 2
+    now[0] = 11.0
+    assert store.get("p", "s1", ttl_s=10) is None
+
+
+class Recording:
+    name = "rec"
+    needs_embedding = False
+
+    def __init__(self) -> None:
+        self.seen: list[RoutingOutcome] = []
+
+    def route(self, req: RoutingRequest) -> RoutingDecision:  # pragma: no cover - not used here
+        raise NotImplementedError
+
+    def observe(self, outcome: RoutingOutcome) -> None:
+        self.seen.append(outcome)
+
+    def targets(self) -> list[str]:
+        return ["a"]
+
+
+def test_feedback_book() -> None:
+    now = [0.0]
+    book = FeedbackBook(ttl_s=60, max_requests=2, clock=lambda: now[0])
+    rec = Recording()
+    book.record("r1", rec, "a")
+    book.set_cost("r1", 0.01)
+    assert book.give("r1", 0.7) == ("accepted", "rec")
+    assert rec.seen[0].quality == 0.7 and rec.seen[0].cost_usd == 0.01
+    assert book.give("r1", 0.1) == ("duplicate", "rec") and len(rec.seen) == 1
+    assert book.give("nope", 0.5) == ("unknown", None)
+    book.record("r2", rec, "a")
+    book.record("r3", rec, "a")  # r1 is pushed out
+    assert book.give("r1", 0.5) == ("unknown", None) and len(book) == 2
+    now[0] = 61.0
+    assert book.give("r2", 0.5) == ("unknown", None)
