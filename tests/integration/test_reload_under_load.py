@@ -1,7 +1,8 @@
 """Hot reload under load: a real gateway process, 200 streaming requests in flight, five reloads.
 
 Every request must complete, and every request sent after a reload answered must use the new policy.
-The fakes stream slowly (one token every 30 ms), so each stream spans several reloads.
+The long streams are slow (a token every 250 ms for 10 s), so each spans all five reloads; the gateway's
+in-flight gauge, read after each reload, shows them still open.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Upstream, fake_config, serve_gateway
+from tests.integration.promtext import sample_sum
 
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count slowly"}]
 KEY = "reload-test-key"
+LONG_TOKENS = 40
 
 
 def config_with_default(fakes: dict[str, Upstream], policy: str) -> dict[str, Any]:
@@ -29,10 +32,10 @@ def config_with_default(fakes: dict[str, Upstream], policy: str) -> dict[str, An
     return raw
 
 
-async def stream_once(client: openai.AsyncOpenAI, tokens: int) -> tuple[str, str, int]:
-    """(policy, worker, content chunks) of one streamed request."""
+async def stream_once(client: openai.AsyncOpenAI, tokens: int, itl_ms: float) -> tuple[str, str, int]:
+    """(policy, worker, content chunks) of one streamed request, a token every `itl_ms`."""
     raw = await client.chat.completions.with_raw_response.create(
-        model="auto", messages=MSG, stream=True, max_tokens=tokens, extra_body={"fake": {"itl_ms": 30}})
+        model="auto", messages=MSG, stream=True, max_tokens=tokens, extra_body={"fake": {"itl_ms": itl_ms}})
     stream = raw.parse()
     assert isinstance(stream, openai.AsyncStream)
     chunks = sum([1 async for c in stream if c.choices and c.choices[0].delta.content])
@@ -40,25 +43,27 @@ async def stream_once(client: openai.AsyncOpenAI, tokens: int) -> tuple[str, str
 
 
 async def drive(url: str, config_file: Path, fakes: dict[str, Upstream], policies: list[str]
-                ) -> tuple[list[Any], list[tuple[str, Any]]]:
-    """200 long streams, then the reloads, each followed by 10 short streams; every result or error."""
+                ) -> tuple[list[Any], list[tuple[str, Any]], list[float]]:
+    """200 long streams, then the reloads, each followed by 10 short streams run to the end before the next
+    reload; every result or error, and the gateway's in-flight gauge after each reload."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
     async with client, httpx.AsyncClient(base_url=url, timeout=30) as admin:
-        # 200 long streams (40 tokens x 30 ms = 1.2 s or more each), started before the first reload.
-        in_flight = [asyncio.create_task(stream_once(client, 40)) for _ in range(200)]
-        await asyncio.sleep(0.5)
-        after_reload: list[tuple[str, asyncio.Task[tuple[str, str, int]]]] = []
+        # 200 long streams (40 tokens x 250 ms = 10 s or more each), started before the first reload.
+        in_flight = [asyncio.create_task(stream_once(client, LONG_TOKENS, 250)) for _ in range(200)]
+        await asyncio.sleep(1.0)
+        short: list[tuple[str, Any]] = []
+        gauge: list[float] = []
         for policy in policies:
             text = yaml.safe_dump(config_with_default(fakes, policy))
             await asyncio.to_thread(config_file.write_text, text)
             resp = await admin.post("/admin/reload", headers={"authorization": f"Bearer {KEY}"})
             assert resp.status_code == 200, resp.text
+            gauge.append(await asyncio.to_thread(sample_sum, f"{url}/metrics", "turnout_in_flight_requests"))
             # Requests sent once the reload has answered must see the new default policy.
-            after_reload += [(policy, asyncio.create_task(stream_once(client, 5))) for _ in range(10)]
-            await asyncio.sleep(0.2)
+            got = await asyncio.gather(*(stream_once(client, 3, 10) for _ in range(10)), return_exceptions=True)
+            short += [(policy, r) for r in got]
         long = await asyncio.gather(*in_flight, return_exceptions=True)
-        short = await asyncio.gather(*(t for _, t in after_reload), return_exceptions=True)
-    return list(long), [(p, r) for (p, _), r in zip(after_reload, short, strict=True)]
+    return list(long), short, gauge
 
 
 @pytest.mark.usefixtures("fake_reset")
@@ -70,10 +75,11 @@ def test_five_reloads_with_200_streams_in_flight(fakes: dict[str, Upstream], tmp
     policies = ["pricey", "cheap", "pricey", "cheap", "pricey"]
     expected_worker = {"cheap": "small", "pricey": "big"}
     with proc:
-        long, short = asyncio.run(drive(url, config_file, fakes, policies))
+        long, short, gauge = asyncio.run(drive(url, config_file, fakes, policies))
+    assert min(gauge) >= 200, gauge  # the long streams were in flight across every reload
     failures = [r for r in long + [r for _, r in short] if isinstance(r, BaseException)]
     assert failures == [], failures[:3]
-    assert all(r[2] == 40 for r in long)  # every stream complete
+    assert all(r[2] == LONG_TOKENS for r in long)  # every stream complete
     assert {r[0] for r in long} == {"cheap"}  # they kept the config they began on
     for policy, result in short:
         assert result[0] == policy and result[1] == expected_worker[policy]
