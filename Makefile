@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.turnout-installed
 
-.PHONY: demo test lint unit venv vllm bench clean
+.PHONY: demo demo-vllm test lint unit venv vllm bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ unit: venv
 test: venv vllm lint
 	$(BIN)/pytest -q -rs
 
-demo: venv vllm
+# Routing over nine replayed models of the bundled table (no vLLM needed).
+demo: venv
+	$(BIN)/python -m loadtest.routing_demo
+
+# A few requests through the gateway to the real vLLM CPU worker.
+demo-vllm: venv vllm
 	$(BIN)/python -m loadtest.demo
 
 bench: venv
