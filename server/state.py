@@ -68,11 +68,13 @@ def build_table(config: TurnoutConfig, config_path: str | Path | None, embedder_
     return RoutingTable(config, artifact_context(config_path, embedder_id), source)
 
 
-def check_config_file(path: str | Path) -> TurnoutConfig:
+def check_config_file(path: str | Path, embedder_id: str | None = None) -> TurnoutConfig:
     """Load a config and build its policies (loading artifacts) without starting anything; what
-    `turnout check-config` and a reload run. `ConfigError` lists every problem."""
+    `turnout check-config` and a reload run. Artifacts must match `embedder_id` (default: the configured
+    embedder's). `ConfigError` lists every problem."""
     config = load_config(path)
-    embedder_id = make_embedder(config.embedder.spec()).id if needs_embedder(config) else None
+    if embedder_id is None and needs_embedder(config):
+        embedder_id = make_embedder(config.embedder.spec()).id
     build_table(config, path, embedder_id, str(path))
     return config
 

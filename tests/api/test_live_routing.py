@@ -255,3 +255,36 @@ async def test_artifact_for_another_embedder_is_a_config_problem(fakes: dict[str
             pass
     text = "\n".join(exc.value.problems)
     assert "policies.smart" in text and "test-topic-embedder" in text and "retrain" in text
+
+
+def test_check_config_builds_every_policy_and_lists_every_problem(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    from server.config import ConfigError
+    from server.state import check_config_file
+
+    raw = {
+        "workers": [{"name": "small", "model": "fake-small", "base_url": "http://127.0.0.1:1/v1"}],
+        "policies": {
+            "lost": {"type": "knn", "artifact": "no/such/dir"},
+            "unmapped": {"type": "knn", "artifact": str(artifacts["knn"])},  # fake-big has no worker
+            "mislabelled": {"type": "bandit", "artifact": str(artifacts["knn"])},
+            "badmap": {"type": "cost_aware", "artifact": str(artifacts["cost_aware"]), "models": {"gpt-9": "small"}},
+            "twolambdas": {"type": "knn", "artifact": str(artifacts["knn"]), "lambda": 1, "budget_usd_per_hour": 2},
+        },
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as exc:
+        check_config_file(path, TopicEmbedder.id)
+    text = "\n".join(exc.value.problems)
+    assert "policies.twolambdas" in text and "one way only" in text  # schema problems come first, alone
+    del raw["policies"]["twolambdas"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as exc:
+        check_config_file(path, TopicEmbedder.id)
+    problems = exc.value.problems
+    assert len(problems) == 4, problems
+    text = "\n".join(problems)
+    assert "policies.lost" in text and "no/such/dir" in text
+    assert "policies.unmapped" in text and "fake-big" in text
+    assert "policies.mislabelled" in text and "trained as 'knn'" in text
+    assert "policies.badmap" in text and "gpt-9" in text
