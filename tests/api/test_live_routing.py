@@ -261,7 +261,7 @@ def test_check_config_builds_every_policy_and_lists_every_problem(artifacts: dic
     from server.config import ConfigError
     from server.state import check_config_file
 
-    raw = {
+    raw: dict[str, Any] = {
         "workers": [{"name": "small", "model": "fake-small", "base_url": "http://127.0.0.1:1/v1"}],
         "policies": {
             "lost": {"type": "knn", "artifact": "no/such/dir"},
