@@ -28,15 +28,15 @@ class QualityPredictor(Protocol):
 
     kind: str
 
-    def predict(self, x: F32) -> F64:
-        """(n, m) predicted quality."""
+    def predict(self, x: F32, stats: F64 | None = None) -> F64:
+        """(n, m) predicted quality from embeddings and (if the predictor uses them) raw text statistics."""
         ...
 
     def predict_cost(self, x: F32) -> F64 | None:
         """(n, m) predicted cost in USD, or None."""
         ...
 
-    def predict_with_cost(self, x: F32) -> tuple[F64, F64 | None]:
+    def predict_with_cost(self, x: F32, stats: F64 | None = None) -> tuple[F64, F64 | None]:
         """Both at once (one neighbour search where there is one)."""
         ...
 

@@ -11,6 +11,7 @@ from routers.cost_aware import BudgetPacer
 from routers.embedders import Embedder
 from routers.learned import UtilityRouter
 from routers.predictors import EnsemblePredictor, KnnIndex, KnnPredictor, ProbePredictor
+from routers.textstats import TextStats
 
 
 def knn_predictor(art: Artifact) -> KnnPredictor:
@@ -49,7 +50,8 @@ def router_from_artifact(name: str, art: Artifact, *, names: Sequence[str] | Non
                              fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version,
                              queue_penalty=queue_penalty)
     if art.router == "cost_aware":
-        probe = ProbePredictor(a["probe_coef"], a["probe_intercept"])
+        stats = TextStats(a["text_stats_mean"], a["text_stats_std"]) if "text_stats_mean" in a else None
+        probe = ProbePredictor(a["probe_coef"], a["probe_intercept"], stats)
         pred = EnsemblePredictor(knn, probe, float(meta["knn_weight"]))
         return UtilityRouter(name, "cost_aware", pred, labels, cost_ref=cost_ref, lam=lam or 0.0,
                              fallback_costs=a["mean_costs"], embedder=embedder, pacer=pacer, version=art.version,

@@ -10,6 +10,7 @@ import numpy.typing as npt
 from routers.base import CandidateScore, RoutingDecision, RoutingOutcome, RoutingRequest
 from routers.cost_aware import BudgetPacer, QualityPredictor
 from routers.embedders import Embedder
+from routers.textstats import prompt_stats
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -45,9 +46,10 @@ class UtilityRouter:
         """Lambda in force: the pacer's when pacing, else the configured one."""
         return self.pacer.lam if self.pacer is not None else self.lam
 
-    def scores(self, x: F32) -> tuple[F64, F64]:
-        """Predicted quality and cost (USD) of every model for embeddings x (n, d)."""
-        q, c = self.predictor.predict_with_cost(x)
+    def scores(self, x: F32, stats: F64 | None = None) -> tuple[F64, F64]:
+        """Predicted quality and cost (USD) of every model for embeddings x (n, d) and the prompts' raw text
+        statistics (`routers.textstats.prompt_stats`; needed when the predictor's probe uses them)."""
+        q, c = self.predictor.predict_with_cost(x, stats)
         if c is None:
             c = np.broadcast_to(self.fallback_costs, q.shape).copy()
         return q, c
@@ -62,7 +64,7 @@ class UtilityRouter:
 
     def route(self, req: RoutingRequest) -> RoutingDecision:
         """Choose among the request's candidates (all models when it names none this router knows)."""
-        q, c = self.scores(self._embedding(req))
+        q, c = self.scores(self._embedding(req), prompt_stats([req.text]))
         q, c = q[0], c[0]
         lam = self.current_lambda()
         names = [m for m in self.models if m in req.candidates] or self.models

@@ -1,8 +1,9 @@
 """Quality and cost predictors on prompt embeddings: what a cost-aware router trades off.
 
-Every predictor maps L2-normalised embeddings (n x d) to an (n x m) matrix, one column per model, and
-is fully described by plain arrays (`state()` / `from_state()`), so artifacts need no pickle and a store
-can hold them. Scores may be NaN (unknown); predictors skip unknowns model by model.
+Every predictor maps L2-normalised embeddings (n x d), and optionally the prompts' raw text statistics
+(`routers.textstats.prompt_stats`, n x 8), to an (n x m) matrix, one column per model. Each is fully
+described by plain arrays, so artifacts need no pickle and a store can hold them. Scores may be NaN
+(unknown); predictors skip unknowns model by model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
+
+from routers.textstats import TextStats
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -73,15 +76,15 @@ class KnnPredictor:
         z: F64 = (sims - sims.max(axis=1, keepdims=True)) / self.temperature
         return np.exp(z)
 
-    def predict(self, x: F32) -> F64:
-        """(n, m) predicted quality in [0, 1]."""
+    def predict(self, x: F32, stats: F64 | None = None) -> F64:
+        """(n, m) predicted quality in [0, 1] (`stats` is not used by kNN)."""
         return self.predict_with_cost(x)[0]
 
     def predict_cost(self, x: F32) -> F64 | None:
         """(n, m) predicted cost in USD from the neighbours' costs, or None without costs."""
         return self.predict_with_cost(x)[1]
 
-    def predict_with_cost(self, x: F32) -> tuple[F64, F64 | None]:
+    def predict_with_cost(self, x: F32, stats: F64 | None = None) -> tuple[F64, F64 | None]:
         """Quality and cost from one neighbour search (the search is most of a decision's time)."""
         idx, sims = self.index.neighbours(x, self.k)
         w = self._weights(sims)
@@ -94,7 +97,8 @@ class KnnPredictor:
 
 
 class ProbePredictor:
-    """A logistic probe per model on the embedding: P(good answer | prompt).
+    """A logistic probe per model on the embedding (and, when fitted with them, the prompts' text
+    statistics): P(good answer | prompt).
 
     Graded scores in [0, 1] are fitted as soft labels (each row twice, as 1 with weight s and as 0 with
     weight 1 - s), which is the cross-entropy of the graded score.
@@ -102,18 +106,22 @@ class ProbePredictor:
 
     kind = "probe"
 
-    def __init__(self, coef: F64, intercept: F64) -> None:
-        self.coef, self.intercept = coef, intercept  # (m, d), (m,)
+    def __init__(self, coef: F64, intercept: F64, text_stats: TextStats | None = None) -> None:
+        self.coef, self.intercept = coef, intercept  # (m, d [+ statistics]), (m,)
+        self.text_stats = text_stats
 
     @classmethod
-    def fit(cls, x: F32, scores: F64, c: float = 1.0) -> ProbePredictor:
-        """Fit one regularised logistic regression per model (C = `c`)."""
-        m, d = scores.shape[1], x.shape[1]
+    def fit(cls, x: F32, scores: F64, c: float = 1.0, stats: F64 | None = None) -> ProbePredictor:
+        """Fit one regularised logistic regression per model (C = `c`); with `stats` (the training
+        prompts' raw text statistics) they are standardised and appended to the embedding."""
+        text_stats = TextStats.fit(stats) if stats is not None else None
+        feats = text_stats.features(x, stats) if text_stats is not None and stats is not None else x
+        m, d = scores.shape[1], feats.shape[1]
         coef, intercept = np.zeros((m, d)), np.zeros(m)
         for j in range(m):
             s = scores[:, j]
             keep = ~np.isnan(s)
-            xs, sj = x[keep], s[keep]
+            xs, sj = feats[keep], s[keep]
             if len(sj) == 0:
                 continue
             mean = float(sj.mean())
@@ -127,16 +135,23 @@ class ProbePredictor:
             lr = LogisticRegression(C=c, max_iter=1000)
             lr.fit(xx[keep_w], yy[keep_w], sample_weight=ww[keep_w])
             coef[j], intercept[j] = lr.coef_[0], lr.intercept_[0]
-        return cls(coef, intercept)
+        return cls(coef, intercept, text_stats)
 
-    def predict(self, x: F32) -> F64:
-        """(n, m) predicted quality in [0, 1]."""
-        z = x.astype(np.float64) @ self.coef.T + self.intercept
+    def predict(self, x: F32, stats: F64 | None = None) -> F64:
+        """(n, m) predicted quality in [0, 1]; `stats` (raw text statistics) is required when the probe
+        was fitted with them."""
+        if self.text_stats is not None:
+            if stats is None:
+                raise ValueError("this probe uses the prompts' text statistics; pass stats=prompt_stats(texts)")
+            feats = self.text_stats.features(x, stats)
+        else:
+            feats = x.astype(np.float64)
+        z = feats @ self.coef.T + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
-    def predict_with_cost(self, x: F32) -> tuple[F64, F64 | None]:
+    def predict_with_cost(self, x: F32, stats: F64 | None = None) -> tuple[F64, F64 | None]:
         """A probe predicts no cost."""
-        return self.predict(x), None
+        return self.predict(x, stats), None
 
     def predict_cost(self, x: F32) -> F64 | None:
         """A probe predicts no cost."""
@@ -151,16 +166,19 @@ class EnsemblePredictor:
     def __init__(self, knn: KnnPredictor, probe: ProbePredictor, knn_weight: float) -> None:
         self.knn, self.probe, self.knn_weight = knn, probe, knn_weight
 
-    def predict(self, x: F32) -> F64:
+    def predict(self, x: F32, stats: F64 | None = None) -> F64:
         """(n, m) predicted quality in [0, 1]."""
-        return self.predict_with_cost(x)[0]
+        return self.predict_with_cost(x, stats)[0]
 
     def predict_cost(self, x: F32) -> F64 | None:
         """Costs come from the kNN part."""
         return self.knn.predict_cost(x)
 
-    def predict_with_cost(self, x: F32) -> tuple[F64, F64 | None]:
-        """Blended quality and the kNN part's cost, from one neighbour search."""
-        q_knn, c = self.knn.predict_with_cost(x)
+    def predict_with_cost(self, x: F32, stats: F64 | None = None) -> tuple[F64, F64 | None]:
+        """Blended quality and the kNN part's cost, from one neighbour search (the probe part is skipped
+        when its weight is 0, and the kNN part when it is 1)."""
         w = self.knn_weight
-        return w * q_knn + (1 - w) * self.probe.predict(x), c
+        q_knn, c = self.knn.predict_with_cost(x)
+        if w >= 1.0:
+            return q_knn, c
+        return w * q_knn + (1 - w) * self.probe.predict(x, stats), c

@@ -74,7 +74,7 @@ def _load(spec: KnnSpec | CostAwareSpec | BanditSpec, ctx: RouterContext) -> tup
 
 def _lambda_from_target(router: UtilityRouter, art: Artifact, target: LambdaTarget) -> float:
     """Lambda meeting `target` on the artifact's own training prompts (in-sample predictions)."""
-    q, c = router.scores(art.arrays["embeddings"])
+    q, c = router.scores(art.arrays["embeddings"], art.arrays.get("text_stats"))
     strongest = int(np.nanargmax(np.nanmean(art.arrays["scores"], axis=0)))
     kind: TargetKind
     if target.max_cost_usd is not None:

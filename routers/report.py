@@ -29,6 +29,7 @@ from routers.evaluation import (
 )
 from routers.from_artifact import router_from_artifact
 from routers.learned import UtilityRouter
+from routers.textstats import prompt_stats
 from routers.training import TrainOptions, cost_ref_of, policy_curve, train
 
 F32 = npt.NDArray[np.float32]
@@ -54,7 +55,7 @@ def predict(kind: str, data: RoutingData, x: F32, tr: npt.NDArray[np.intp], te: 
     fitted = train(kind, data.subset(tr), x[tr], embedder_id, opts)
     router = router_from_artifact("eval", fitted.artifact)
     if isinstance(router, UtilityRouter):
-        q, c = router.scores(x[te])
+        q, c = router.scores(x[te], prompt_stats([data.prompts[i] for i in te]))
     elif isinstance(router, BanditRouter):
         z = router.projection(x[te])
         q = z @ router.bandit.theta.T  # the estimated reward, without the exploration bonus

@@ -14,8 +14,9 @@ from routers.artifacts import Artifact
 from routers.bandit import LinUCB, Projection
 from routers.cost_aware import LAMBDA_GRID, choose
 from routers.dataset import RoutingData, kfold
-from routers.evaluation import aiq, hull
+from routers.evaluation import aiq, apgr, hull
 from routers.predictors import KnnIndex, KnnPredictor, ProbePredictor
+from routers.textstats import STAT_NAMES, prompt_stats
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -68,10 +69,18 @@ def policy_curve(q_pred: F64, c_pred: F64, scores: F64, costs: F64 | None, cost_
 
 
 def selection_score(q_pred: F64, c_pred: F64, scores: F64, costs: F64 | None, cost_ref: float) -> float:
-    """The criterion for hyper-parameters: AIQ of the sweep where costs exist, else quality at lambda 0."""
+    """The criterion for hyper-parameters, the metric the table is judged by: AIQ of the lambda sweep where
+    costs exist; without costs, APGR of the predicted gain for two models (RouteLLM's metric: what matters
+    is ranking prompts by their need of the stronger model) and quality at lambda 0 for more."""
     if costs is None:
+        known = np.nan_to_num(scores)
+        if scores.shape[1] == 2:
+            strong = int(np.argmax(known.mean(axis=0)))
+            weak = 1 - strong
+            if known[:, strong].mean() > known[:, weak].mean():
+                return apgr(q_pred[:, strong] - q_pred[:, weak], known[:, strong], known[:, weak])
         rows = np.arange(len(q_pred))
-        return float(np.nan_to_num(scores)[rows, np.argmax(q_pred, axis=1)].mean())
+        return float(known[rows, np.argmax(q_pred, axis=1)].mean())
     pts = policy_curve(q_pred, c_pred, scores, costs, cost_ref)
     return float(aiq(hull(pts), max_cost=float(np.nanmax(np.nanmean(costs, axis=0)))))
 
@@ -95,11 +104,11 @@ def _knn_oof(x: F32, data: RoutingData, folds: list[tuple[npt.NDArray[np.intp], 
     return out
 
 
-def _probe_oof(x: F32, data: RoutingData, folds: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]],
-               c: float) -> F64:
+def _probe_oof(x: F32, stats: F64, data: RoutingData,
+               folds: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]], c: float) -> F64:
     q = np.zeros(data.scores.shape)
     for tr, va in folds:
-        q[va] = ProbePredictor.fit(x[tr], data.scores[tr], c=c).predict(x[va])
+        q[va] = ProbePredictor.fit(x[tr], data.scores[tr], c=c, stats=stats[tr]).predict(x[va], stats[va])
     return q
 
 
@@ -141,9 +150,10 @@ def train(kind: str, data: RoutingData, x: F32, embedder_id: str, opts: TrainOpt
         meta["predictor"] = "knn"
         return Fitted(Artifact("knn", meta, arrays), selection)
     q_knn, c_knn = knn[(best_k, best_t)]
+    stats = prompt_stats(data.prompts)
     probe_scores, probe_q = {}, {}
     for c in opts.probe_c:
-        probe_q[c] = _probe_oof(x, data, folds, c)
+        probe_q[c] = _probe_oof(x, stats, data, folds, c)
         probe_scores[c] = selection_score(probe_q[c], c_of(c_knn), data.scores, data.costs, cost_ref)
     best_c = max(probe_scores, key=lambda c: probe_scores[c])
     blend = {w: selection_score(w * q_knn + (1 - w) * probe_q[best_c], c_of(c_knn), data.scores, data.costs,
@@ -151,9 +161,12 @@ def train(kind: str, data: RoutingData, x: F32, embedder_id: str, opts: TrainOpt
     best_w = max(blend, key=lambda w: blend[w])
     selection.update(probe={str(c): round(v, 5) for c, v in probe_scores.items()},
                      knn_weight={str(w): round(v, 5) for w, v in blend.items()})
-    probe = ProbePredictor.fit(x, data.scores, c=best_c)
-    arrays.update(probe_coef=probe.coef, probe_intercept=probe.intercept)
-    meta.update(predictor="ensemble", probe_c=best_c, knn_weight=best_w)
+    probe = ProbePredictor.fit(x, data.scores, c=best_c, stats=stats)
+    assert probe.text_stats is not None
+    # The training prompts' raw statistics travel with the embeddings, for calibrating lambda from a target.
+    arrays.update(probe_coef=probe.coef, probe_intercept=probe.intercept, text_stats=stats,
+                  text_stats_mean=probe.text_stats.mean, text_stats_std=probe.text_stats.std)
+    meta.update(predictor="ensemble", probe_c=best_c, knn_weight=best_w, probe_inputs=["embedding", *STAT_NAMES])
     return Fitted(Artifact("cost_aware", meta, arrays), selection)
 
 

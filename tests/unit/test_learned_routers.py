@@ -188,3 +188,48 @@ def test_policy_curve_spans_cost_range() -> None:
     pts = policy_curve(q, data.costs, data.scores, data.costs, 1e-3)
     assert pts[0, 1] == pytest.approx(1.0)  # lambda 0: the strong model where needed
     assert pts[-1, 0] == pytest.approx(1e-4)  # the largest lambda: always cheap
+
+
+def test_prompt_stats_and_their_scaling() -> None:
+    from routers.textstats import STAT_NAMES, TextStats, prompt_stats
+
+    raw = prompt_stats(["Hello World? 123\nfoo(x);", "é", ""])
+    assert raw.shape == (3, len(STAT_NAMES))
+    row = dict(zip(STAT_NAMES, raw[0], strict=True))
+    assert row["digit_share"] == pytest.approx(3 / 24) and row["upper_share"] == pytest.approx(2 / 24)
+    assert row["log_question_marks"] == pytest.approx(np.log(2)) and row["log_lines"] == pytest.approx(np.log(2))
+    assert raw[1, STAT_NAMES.index("non_ascii_share")] == 1.0 and np.isfinite(raw).all()
+    ts = TextStats.fit(np.vstack([raw[:2], raw[:2]]))
+    assert (ts.std > 0).all()  # constant columns get unit spread, never a division by zero
+    feats = ts.features(unit(RNG.normal(size=(3, 4))), raw)
+    assert feats.shape == (3, 4 + len(STAT_NAMES) + 1)
+
+
+def test_probe_learns_from_text_statistics_when_the_embedding_says_nothing() -> None:
+    """Long prompts defeat the cheap model; every prompt has the same embedding, so only length can tell."""
+    from routers.textstats import prompt_stats
+
+    texts = ["short question" if i % 2 else "a long and winding multi-step problem " * 20 for i in range(200)]
+    x = np.tile(unit(RNG.normal(size=(1, 8))), (200, 1))
+    scores = np.array([[1.0, 1.0] if i % 2 else [0.0, 1.0] for i in range(200)])
+    stats = prompt_stats(texts)
+    probe = ProbePredictor.fit(x, scores, c=1.0, stats=stats)
+    q = probe.predict(x, stats)
+    assert q[0, 0] < 0.2 < 0.8 < q[1, 0]
+    with pytest.raises(ValueError, match="text statistics"):
+        probe.predict(x)
+    plain = ProbePredictor.fit(x, scores, c=1.0)
+    assert plain.predict(x)[0, 0] == pytest.approx(plain.predict(x)[1, 0])
+
+
+def test_two_model_tables_without_costs_select_by_apgr() -> None:
+    from routers.training import selection_score
+
+    rng = np.random.default_rng(4)
+    scores = np.column_stack([np.ones(100), rng.integers(0, 2, 100)]).astype(np.float64)  # strong, weak
+    gain = scores[:, 0] - scores[:, 1]
+    good = np.column_stack([0.5 + 0.4 * gain, np.full(100, 0.5)])
+    bad = np.column_stack([0.5 - 0.4 * gain, np.full(100, 0.5)])
+    # A ranking by the true gain recovers most of the gap; the reversed ranking less than chance (0.5).
+    assert selection_score(good, np.zeros_like(good), scores, None, 1.0) > 0.7
+    assert selection_score(bad, np.zeros_like(bad), scores, None, 1.0) < 0.4
