@@ -53,7 +53,8 @@ def routellm(rep: dict[str, Any]) -> list[str]:
     """APGR/CPT per benchmark beside RouteLLM's published numbers."""
     out = ["## routellm_2model (5-fold cross-validation within each benchmark, contaminated prompts removed)", "",
            f"Command: `turnout eval --data {DATA}/routellm_2model/data.parquet --group-level 1 --router knn "
-           "--router cost_aware --json loadtest/results/routing/routellm_2model.json`", "",
+           "--router cost_aware --json loadtest/results/routing/routellm_2model.json "
+           "--plot loadtest/results/routing/routellm_2model.png` (one plot per benchmark)", "",
            "RouteLLM's published APGR comes from routers trained on other data (Chatbot Arena preferences and "
            "augmentations); ours are trained by cross-validation on the benchmark itself. The numbers are not "
            "like for like.", "",
@@ -72,6 +73,8 @@ def routerdc(reps: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## routerdc_7model (no costs: quality at lambda = 0)", "",
            f"Command: `turnout eval --data {DATA}/routerdc_7model/data.parquet --split SPLIT "
            "--json loadtest/results/routing/routerdc_7model-SPLIT.json`", "",
+           "Measured at commit 7800096, before the probe took the prompt's text statistics as input; not re-run "
+           "since (its 20,600 prompts take about 25 minutes to embed on this machine).", "",
            "| split | prompts | best single (quality) | oracle | router | quality at lambda 0 |",
            "|---|---|---|---|---|---|"]
     for split, rep in reps.items():
