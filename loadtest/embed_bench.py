@@ -29,11 +29,12 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from loadtest.engines import BUNDLED_TABLE
 from routers.embed_cache import CachedEmbedder, embed_corpus
 from routers.embedders import DEFAULT_TOKENIZER, Embedder, OnnxMiniLMEmbedder, SentenceTransformerEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/llmrouter_9model/data.parquet")
+DATA = BUNDLED_TABLE
 SHORT_PROMPT = "How far is the moon from the earth?"
 BATCH = 32
 SHORT_PIECES = 32  # "short prompts": at most this many word pieces, [CLS] and [SEP] included

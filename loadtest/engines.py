@@ -11,6 +11,8 @@ from tests.procs import ManagedProcess
 REPO = Path(__file__).resolve().parents[1]
 VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
 PY_ENV = {"PYTHONPATH": str(REPO)}
+#: The routing table that ships with the project (see data/llmrouter_9model/NOTICE.md).
+BUNDLED_TABLE = REPO / "data" / "llmrouter_9model" / "data.parquet"
 
 
 def has_avx2() -> bool:

@@ -5,7 +5,7 @@ the prompt in the table (``[replay: <model> | table score 1.00 for this prompt]`
 at a speed that grows with the model's size, so that routing decisions show up in answers, latency and
 cost without running any LLM. Start one per model of the table::
 
-    python -m loadtest.replay_worker --table ../shared/data/llmrouter_9model/data.parquet \\
+    python -m loadtest.replay_worker --table data/llmrouter_9model/data.parquet \\
         --model llama3-chatqa-1.5-70b --port 8101 [--host 127.0.0.1] [--served-name NAME] [--speed 1.0] \\
         [--max-concurrency N] [--size-b 70]
 

@@ -34,14 +34,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.engines import PY_ENV, REPO, VLLM_CACHE, gateway_process
+from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, VLLM_CACHE, gateway_process
 from routers.artifacts import ArtifactError, load_artifact
 from routers.commands import run_train
 from routers.dataset import RoutingData, dedupe_within, load_table, train_test
 from routers.embedders import MINILM_ONNX_ID
 from tests.procs import ManagedProcess, free_port
 
-TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "llmrouter_9model" / "data.parquet"
+TABLE = BUNDLED_TABLE
 OUT = REPO / "loadtest" / "results" / "demo"
 CONCURRENCY = 16
 MAX_TOKENS = 64

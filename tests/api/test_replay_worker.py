@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.types import Message, Scope
 
+from loadtest.engines import BUNDLED_TABLE
 from loadtest.replay_worker import (
     ANSWER_TOKENS,
     FILLER,
@@ -43,7 +44,7 @@ from server.protocol import prompt_text as gateway_prompt_text
 from tests.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED = Path("/work/shared/data/llmrouter_9model/data.parquet")
+BUNDLED = BUNDLED_TABLE
 SMALL, BIG = "tiny-7b", "org/huge.1-70b"  # names may contain '/' and '.'
 Q_MATH, Q_COLOUR, Q_ACCENT = "What is 2+2?", "Name a colour.", "déjà vu?"
 ROWS: list[dict[str, Any]] = [

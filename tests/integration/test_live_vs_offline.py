@@ -40,7 +40,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from loadtest.engines import has_avx2, vllm_process, vllm_ready
+from loadtest.engines import BUNDLED_TABLE, has_avx2, vllm_process, vllm_ready
 from routers.artifacts import load_artifact
 from routers.commands import load_and_embed, run_train
 from routers.cost_aware import LAMBDA_GRID, choose
@@ -56,7 +56,7 @@ from tests.procs import ManagedProcess, free_port
 # with a warm cache, but a cold machine may not fit the suite's 300 s default.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-BUNDLED = Path("/work/shared/data/llmrouter_9model")
+BUNDLED = BUNDLED_TABLE.parent
 CHEAP, STRONG = "gemma-2-9b-it", "llama-3.1-nemotron-51b-instruct"  # $0.10 and $0.90 per 1M tokens
 WORKERS = {CHEAP: ("cheap", "cheap-lm"), STRONG: ("strong", "strong-lm")}  # artifact model -> (worker, served)
 POLICY = "smart"
