@@ -33,7 +33,7 @@ from server.errors import (
 from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, prompt_text, validate_body
 from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
-from server.state import GatewayState, Live
+from server.state import GatewayState
 from server.workers import Worker
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
@@ -84,7 +84,7 @@ def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> R
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
 
-def apply_selection(gw: GatewayState, live: Live, sel: Selection, ex: Exchange) -> None:
+def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     """Note the decision on the exchange, and arrange for the policy to hear the outcome."""
     ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
     ex.routing_s, ex.embed_cached, ex.affinity = (sel.routing_s if sel.policy else None), sel.embed_cached, sel.affinity
@@ -116,7 +116,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         body.pop("turnout", None)  # the gateway's own field; workers never see it
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity,
                                  route_input(request, body, req), ex.request_id)
-        apply_selection(gw, live, selection, ex)
+        apply_selection(gw, selection, ex)
         worker = live.registry.pick(selection.target)
         ex.worker, ex.model = worker.name, worker.model
         body["model"] = worker.model
