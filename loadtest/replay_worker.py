@@ -46,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from routers.dataset import BYTES_PER_TOKEN, load_table
+from server.prompts import prompt_text
 
 __all__ = [
     "ANSWER_TOKENS",
@@ -59,7 +60,6 @@ __all__ = [
     "load_replay_model",
     "main",
     "parse_size_b",
-    "prompt_text",
     "prompt_tokens_of",
 ]
 
@@ -205,35 +205,6 @@ class ReplayRequestError(Exception):
         """``{"error": {"message", "type", "param", "code"}}``."""
         etype = "invalid_request_error" if self.status < 500 else "server_error"
         return orjson.dumps({"error": {"message": self.message, "type": etype, "param": self.param, "code": self.code}})
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The last user message's text (chat) or the prompt (completions): the rule of the gateway's policies.
-
-    A copy of :func:`server.protocol.prompt_text` (a test keeps them equal): importing ``server`` would
-    add seconds to the start of every worker of the demo.
-    """
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for msg in reversed(messages):
-            if isinstance(msg, dict) and msg.get("role") == "user":
-                return _content_text(msg.get("content"))
-        return ""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        return str(prompt[0])
-    return ""
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = (p for p in content if isinstance(p, dict) and p.get("type") == "text")
-        return "\n".join(p["text"] for p in parts if isinstance(p.get("text"), str))
-    return ""
 
 
 def prompt_tokens_of(prompt: str) -> int:

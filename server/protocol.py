@@ -22,6 +22,7 @@ from pydantic import (
 
 from server.config import field_path
 from server.errors import GatewayError, bad_request
+from server.prompts import content_text, prompt_text
 
 
 class _Open(BaseModel):
@@ -111,32 +112,6 @@ def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
         param = field_path(loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text a policy sees: the last user message (chat) or the prompt (completions)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for msg in reversed(messages):
-            if isinstance(msg, dict) and msg.get("role") == "user":
-                return content_text(msg.get("content"))
-        return ""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        return str(prompt[0])
-    return ""
-
-
-def content_text(content: Any) -> str:
-    """Plain text of a message content (a string or a list of text parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    return ""
 
 
 __all__ = [

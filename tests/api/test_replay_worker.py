@@ -37,10 +37,8 @@ from loadtest.replay_worker import (
     latency_for,
     load_replay_model,
     parse_size_b,
-    prompt_text,
     prompt_tokens_of,
 )
-from server.protocol import prompt_text as gateway_prompt_text
 from tests.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,21 +209,6 @@ async def test_chat_prompt_is_the_last_user_message(table: Path) -> None:
         resp = await rp.client.chat.completions.create(model=BIG, messages=messages)
     assert (resp.choices[0].message.content or "").startswith(label(BIG, "1.00"))
     assert resp.usage is not None and resp.usage.prompt_tokens == prompt_tokens_of(Q_COLOUR)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"},
-                                                   {"type": "text", "text": "b"}]}]},
-        {"messages": [{"role": "assistant", "content": "only"}]},
-        {"prompt": "p"},
-        {"prompt": ["p"]},
-    ],
-)
-def test_prompt_text_matches_the_gateways_rule(body: dict[str, Any]) -> None:
-    assert prompt_text(body) == gateway_prompt_text(body)
 
 
 async def test_completions_endpoint_streaming_and_not(table: Path) -> None:
