@@ -28,6 +28,11 @@ class QualityPredictor(Protocol):
 
     kind: str
 
+    @property
+    def uses_text_stats(self) -> bool:
+        """Whether predictions need the prompts' raw text statistics (`routers.textstats.prompt_stats`)."""
+        ...
+
     def predict(self, x: F32, stats: F64 | None = None) -> F64:
         """(n, m) predicted quality from embeddings and (if the predictor uses them) raw text statistics."""
         ...

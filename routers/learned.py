@@ -64,7 +64,8 @@ class UtilityRouter:
 
     def route(self, req: RoutingRequest) -> RoutingDecision:
         """Choose among the request's candidates (all models when it names none this router knows)."""
-        q, c = self.scores(self._embedding(req), prompt_stats([req.text]))
+        stats = prompt_stats([req.text]) if self.predictor.uses_text_stats else None
+        q, c = self.scores(self._embedding(req), stats)
         q, c = q[0], c[0]
         lam = self.current_lambda()
         names = [m for m in self.models if m in req.candidates] or self.models

@@ -62,6 +62,7 @@ class KnnPredictor:
     """
 
     kind = "knn"
+    uses_text_stats = False
 
     def __init__(self, index: KnnIndex, k: int = 20, weighting: Weighting = "softmax", temperature: float = 0.05):
         self.index, self.k, self.weighting, self.temperature = index, k, weighting, temperature
@@ -109,6 +110,11 @@ class ProbePredictor:
     def __init__(self, coef: F64, intercept: F64, text_stats: TextStats | None = None) -> None:
         self.coef, self.intercept = coef, intercept  # (m, d [+ statistics]), (m,)
         self.text_stats = text_stats
+
+    @property
+    def uses_text_stats(self) -> bool:
+        """Whether `predict` needs the prompts' raw text statistics."""
+        return self.text_stats is not None
 
     @classmethod
     def fit(cls, x: F32, scores: F64, c: float = 1.0, stats: F64 | None = None) -> ProbePredictor:
@@ -165,6 +171,11 @@ class EnsemblePredictor:
 
     def __init__(self, knn: KnnPredictor, probe: ProbePredictor, knn_weight: float) -> None:
         self.knn, self.probe, self.knn_weight = knn, probe, knn_weight
+
+    @property
+    def uses_text_stats(self) -> bool:
+        """Whether `predict` needs the prompts' raw text statistics (only through a probe that counts)."""
+        return self.knn_weight < 1.0 and self.probe.uses_text_stats
 
     def predict(self, x: F32, stats: F64 | None = None) -> F64:
         """(n, m) predicted quality in [0, 1]."""
