@@ -45,6 +45,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from loadtest.asgi import read_body
 from routers.dataset import BYTES_PER_TOKEN, load_table
 from server.prompts import prompt_text
 
@@ -448,17 +449,6 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 async def _wait_disconnect(receive: Receive) -> None:
     while True:
         message: Message = await receive()
@@ -480,7 +470,7 @@ class _CompletionsEndpoint:
         self.kind: Kind = kind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
         if raw is None:
             return
         try:

@@ -228,15 +228,12 @@ class SentenceTransformerEmbedder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
-        path = Path(model).resolve()
         self.model = SentenceTransformer(str(model), device=self.device)
         dim = self.model.get_embedding_dimension()
         if dim is None:
             raise ValueError(f"{model}: the model does not declare its embedding dimension")
         self.dim: int = int(dim)
-        # Packaged models often sit in a directory called just "model": keep its parent in the id too, so two
-        # such models never share cached vectors.
-        self.id: str = f"st:{path.parent.name}/{path.name}" if path.exists() else f"st:{model}"
+        self.id: str = st_embedder_id(str(model))
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """One row per text in the caller's order (sentence-transformers sorts by length internally)."""
@@ -250,6 +247,24 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )
         return np.asarray(rows, dtype=np.float32)
+
+
+def st_embedder_id(model: str) -> str:
+    """The id of the sentence-transformers embedder for `model` (a local path or a name)."""
+    path = Path(model).resolve()
+    # Packaged models often sit in a directory called just "model": keep its parent in the id too, so two such
+    # models never share cached vectors.
+    return f"st:{path.parent.name}/{path.name}" if path.exists() else f"st:{model}"
+
+
+def embedder_id(spec: str) -> str:
+    """The id `make_embedder(spec)` would have, without loading any model (for checking artifacts)."""
+    spec = spec.strip()
+    if spec.lower() in ("onnx", "minilm"):
+        return MINILM_ONNX_ID
+    if spec.startswith("st:") and spec[3:].strip():
+        return st_embedder_id(spec[3:].strip())
+    raise ValueError(f"unknown embedder spec {spec!r}: expected 'onnx', 'minilm' or 'st:<path or name>'")
 
 
 def make_embedder(spec: str) -> Embedder:

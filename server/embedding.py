@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy.typing as npt
 
 from routers.embed_cache import CachedEmbedder
 from routers.embedders import Embedder
+from server.tasks import cancel_and_wait
 
 F32 = npt.NDArray[np.float32]
 
@@ -57,11 +57,8 @@ class EmbeddingService:
 
     async def stop(self) -> None:
         """Stop batching; requests still waiting get a `RuntimeError`."""
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(RuntimeError("the embedding service stopped"))

@@ -7,15 +7,12 @@ penalty read what is polled here (`Worker.running`, `.waiting`, `.kv_cache_usage
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from contextlib import suppress
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.workers import Worker, WorkerRegistry
+from server.workers import Worker, WorkerPoller
 
 log = logging.getLogger("turnout.load")
 
@@ -37,21 +34,12 @@ def parse_vllm_load(text: str) -> tuple[float | None, float | None, float | None
     return totals.get(RUNNING), totals.get(WAITING), kv
 
 
-class LoadMonitor:
+class LoadMonitor(WorkerPoller):
     """Reads every worker's `/metrics` every `interval_s` (its own small client, like the health checks)."""
 
-    def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float,
-                 client: httpx.AsyncClient | None = None) -> None:
-        self.registry = registry  # replaced on reload
-        self.interval = interval_s
-        self._timeout = timeout_s
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout_s, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-            trust_env=False,
-        )
-        self._task: asyncio.Task[None] | None = None
+    task_name = "turnout-load"
 
-    async def poll(self, worker: Worker) -> None:
+    async def visit(self, worker: Worker) -> None:
         """Read one worker's load now. Never raises: a failure leaves the old reading to go stale."""
         if not worker.config.poll_load:
             return
@@ -71,28 +59,3 @@ class LoadMonitor:
             return
         worker.running, worker.waiting, worker.kv_cache_usage = running, waiting, kv
         worker.load_at, worker.load_error = time.monotonic(), None
-
-    async def poll_all(self) -> None:
-        """Read every worker concurrently."""
-        await asyncio.gather(*(self.poll(w) for w in self.registry.workers.values()))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll_all()
-            except Exception:  # a bug here must not stop load polling for good
-                log.exception("load polling round failed")
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        """Start polling (the first round runs at once)."""
-        self._task = asyncio.create_task(self._run(), name="turnout-load")
-
-    async def stop(self) -> None:
-        """Stop polling and close the client."""
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._client.aclose()

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from routers.embedders import Embedder, make_embedder
+from routers.embedders import embedder_id as embedder_id_of  # `embedder_id` is a parameter name here
 from server.accounting import Recorder
 from server.config import ConfigError, TurnoutConfig, UpstreamConfig, load_config
 from server.embedding import EmbeddingService
@@ -74,7 +75,7 @@ def check_config_file(path: str | Path, embedder_id: str | None = None) -> Turno
     embedder's). `ConfigError` lists every problem."""
     config = load_config(path)
     if embedder_id is None and needs_embedder(config):
-        embedder_id = make_embedder(config.embedder.spec()).id
+        embedder_id = embedder_id_of(config.embedder.spec())  # an id, without loading the model
     build_table(config, path, embedder_id, str(path))
     return config
 
@@ -159,7 +160,7 @@ class GatewayState:
             self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time())
             if self._started and any(w.health.value == "unknown" for w in registry.workers.values()):
                 # New workers: learn their health now rather than at the next round.
-                task = asyncio.create_task(self.health.check_all())
+                task = asyncio.create_task(self.health.visit_all())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             log.info("config reloaded (generation %d, %d policies)", self.live.generation, len(table.routers))

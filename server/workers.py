@@ -15,13 +15,14 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
 
 from server.config import TurnoutConfig, WorkerConfig
 from server.errors import no_worker_available
+from server.tasks import cancel_and_wait
 
 log = logging.getLogger("turnout.workers")
 
@@ -148,26 +149,66 @@ class WorkerRegistry:
         return any(w.health is Health.UP for w in self.workers.values())
 
 
-class HealthMonitor:
-    """Polls each worker's health URL in the background and records the result on the worker.
+class WorkerPoller:
+    """Visits every worker of the current registry every `interval` seconds in a background task.
 
-    It has its own small HTTP client: health checks must not queue behind (or be refused by) a request
-    pool that is full of long streams, which would mark healthy workers down exactly under load.
+    It has its own small HTTP client: checks must not queue behind (or be refused by) a request pool that is
+    full of long streams, which would misjudge workers exactly under load. Subclasses define `visit`.
     """
 
-    def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float, failures_to_down: int,
+    #: Names the background task and the log line of a failed round.
+    task_name = "turnout-poller"
+
+    def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float,
                  client: httpx.AsyncClient | None = None) -> None:
         self.registry = registry  # replaced on reload
+        self.interval = interval_s
+        self._timeout = timeout_s
         self._client = client or httpx.AsyncClient(
             timeout=timeout_s, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             trust_env=False,
         )
-        self.interval = interval_s
-        self._timeout = timeout_s
-        self.failures_to_down = failures_to_down
         self._task: asyncio.Task[None] | None = None
 
-    async def check(self, worker: Worker) -> None:
+    async def visit(self, worker: Worker) -> None:
+        """Look at one worker now. Must never raise."""
+        raise NotImplementedError
+
+    async def visit_all(self) -> None:
+        """Visit every worker concurrently."""
+        await asyncio.gather(*(self.visit(w) for w in self.registry.workers.values()))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.visit_all()
+            except Exception:  # a bug here must not stop polling for good
+                log.exception("%s: round failed", self.task_name)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        """Start polling (the first round runs at once)."""
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        """Stop polling and close the client."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        await self._client.aclose()
+
+
+class HealthMonitor(WorkerPoller):
+    """Polls each worker's health URL and records the result on the worker, with hysteresis: a worker that
+    was up goes down only after `failures_to_down` failed checks in a row."""
+
+    task_name = "turnout-health"
+
+    def __init__(self, registry: WorkerRegistry, interval_s: float, timeout_s: float, failures_to_down: int,
+                 client: httpx.AsyncClient | None = None) -> None:
+        super().__init__(registry, interval_s, timeout_s, client)
+        self.failures_to_down = failures_to_down
+
+    async def visit(self, worker: Worker) -> None:
         """Check one worker now. Never raises: any failure marks the check failed."""
         try:
             resp = await self._client.get(worker.config.resolved_health_url(), headers=worker.auth_headers,
@@ -189,28 +230,3 @@ class HealthMonitor:
             if worker.health is not Health.DOWN:
                 log.warning("worker %s is down (%s)", worker.name, error)
             worker.health = Health.DOWN
-
-    async def check_all(self) -> None:
-        """Check every worker concurrently."""
-        await asyncio.gather(*(self.check(w) for w in self.registry.workers.values()))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:  # a bug here must not stop health checking for good
-                log.exception("health check round failed")
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        """Start polling (the first round runs at once)."""
-        self._task = asyncio.create_task(self._run(), name="turnout-health")
-
-    async def stop(self) -> None:
-        """Stop polling and close the health client."""
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._client.aclose()

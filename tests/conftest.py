@@ -110,7 +110,7 @@ async def gateway_in_process(config: TurnoutConfig | dict[str, Any] | Path,
         cfg = config if isinstance(config, TurnoutConfig) else parse_config(config)
         app = create_app(cfg, embedder=embedder)
     async with app.router.lifespan_context(app):
-        await app.state.gateway.health.check_all()
+        await app.state.gateway.health.visit_all()
         transport = httpx2.ASGITransport(app=app)
         async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as http:
             client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="test", http_client=http,

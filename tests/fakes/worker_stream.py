@@ -19,6 +19,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
+from loadtest.asgi import read_body
 from tests.fakes.worker_protocol import (
     CompletionJob,
     FakeRequestError,
@@ -149,7 +150,7 @@ class CompletionsEndpoint:
         outcome = Outcome.CANCELLED
         tokens = 0
         try:
-            raw = await self._read_body(receive)
+            raw = await read_body(receive)
             if raw is None:
                 return
             try:
@@ -175,17 +176,6 @@ class CompletionsEndpoint:
             state.active -= 1
             state.active_tokens -= tokens
             state.record(outcome)
-
-    @staticmethod
-    async def _read_body(receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _answer(self, job: CompletionJob, scope: Scope, receive: Receive, send: Send) -> Outcome:
         faults = job.faults

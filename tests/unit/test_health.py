@@ -18,7 +18,7 @@ async def test_any_exception_is_a_failed_check() -> None:
 
     reg = registry()
     mon = HealthMonitor(reg, 1, 1, 2, client=httpx.AsyncClient(transport=httpx.MockTransport(boom)))
-    await mon.check_all()
+    await mon.visit_all()
     assert reg.workers["a"].health is Health.DOWN
     assert "RuntimeError" in (reg.workers["a"].last_error or "")
     await mon.stop()
@@ -34,7 +34,7 @@ async def test_one_failure_does_not_take_an_up_worker_down() -> None:
     mon = HealthMonitor(reg, 1, 1, 2, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     seen = []
     for _ in range(5):
-        await mon.check_all()
+        await mon.visit_all()
         seen.append(reg.workers["a"].health)
     assert seen == [Health.UP, Health.UP, Health.UP, Health.UP, Health.DOWN]
     await mon.stop()
