@@ -1,6 +1,6 @@
 """Routing overhead (embed + score) at a fixed arrival rate, beside the `fixed` policy in the same run.
 
-Trains a `knn` and a `cost_aware` artifact on llmrouter_9model with the default ONNX embedder through
+Trains a `knn` and a `cost_aware` artifact on llmrouter_9model with each embedder (ONNX MiniLM, static) through
 `turnout train` (or reuses them from `~/.cache/turnout/bench-artifacts/`), starts nine fake workers (one per
 artifact model, each answering after a fixed delay) and the gateway, then sends open-loop chat requests
 (Poisson arrivals at 50 requests/s by default) with the official `openai` SDK. The load comes in blocks that
@@ -13,7 +13,10 @@ machine fall on every phase alike:
 - `knn_repeated`: `knn` on 50 prompts embedded during the warm-up (cache hits: scoring only);
 - `knn_unique_nowait`: `knn` on the same unique prompts as `knn_unique`, in the same order, through a second
   gateway whose micro-batcher does not wait for company (`embedder.max_wait_ms: 0`); skip it with
-  `--no-nowait-phase`.
+  `--no-nowait-phase`;
+- `knn_unique_static`, `cost_aware_unique_static`: the same unique prompts through a third gateway that embeds
+  with the static embedder (`embedder.backend: static`), its artifacts trained with `--embedder static`; skip
+  them with `--no-static-phases`.
 
 Within a block, requests leave at their planned times whatever is in flight. After a block the load pauses
 until its last request is answered: a phase that cannot keep up leaves a backlog, reported as its drain time,
@@ -60,7 +63,7 @@ from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, fake_process, gateway_
 from loadtest.overhead import cpu_seconds
 from loadtest.results_io import write_results
 from routers.dataset import RoutingData, load_table, train_test
-from routers.embedders import DEFAULT_TOKENIZER, MINILM_MAX_LENGTH
+from routers.embedders import DEFAULT_TOKENIZER, MINILM_MAX_LENGTH, embedder_id
 from tests.procs import ManagedProcess, free_port
 
 DATA = BUNDLED_TABLE
@@ -81,7 +84,7 @@ class Phase:
 
     name: str
     label: str
-    gateway: str  # "main" or "nowait"
+    gateway: str  # "main", "nowait" or "static"
     policy: str
     prompts: str  # "mixed" (cycled; never embedded), "unique_knn", "unique_cost_aware" or "repeated"
 
@@ -92,7 +95,16 @@ PHASES = (
     Phase("cost_aware_unique", "(c) cost_aware, unique prompts", "main", "cost_aware", "unique_cost_aware"),
     Phase("knn_repeated", "(d) knn, repeated prompts", "main", "knn", "repeated"),
     Phase("knn_unique_nowait", "(e) knn, unique prompts, max_wait_ms 0", "nowait", "knn", "unique_knn"),
+    Phase("knn_unique_static", "(f) knn, static embedder, unique prompts", "static", "knn", "unique_knn"),
+    Phase("cost_aware_unique_static", "(g) cost_aware, static embedder, unique prompts", "static", "cost_aware",
+          "unique_cost_aware"),
 )
+#: Each gateway's embedder settings (`embedder:` in its config) and the embedder its artifacts are trained with.
+GATEWAYS: dict[str, tuple[dict[str, Any], str]] = {
+    "main": ({}, "onnx"),
+    "nowait": ({"max_wait_ms": 0}, "onnx"),
+    "static": ({"backend": "static"}, "static"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,16 +183,18 @@ class CpuSnapshot:
     """CPU seconds so far: per process group of the benchmark, and the whole machine's busy time."""
 
     wall: float
-    main: float
-    nowait: float
+    gateways: dict[str, float]
     fakes: float
     client: float
     machine: float
 
+    def ours(self) -> float:
+        """CPU seconds of all the benchmark's processes."""
+        return sum(self.gateways.values()) + self.fakes + self.client
+
     def others_cores(self, later: CpuSnapshot) -> float:
         """Cores busy with work outside the benchmark between this snapshot and `later`."""
-        ours = (later.main - self.main) + (later.nowait - self.nowait) + (later.fakes - self.fakes) \
-            + (later.client - self.client)
+        ours = later.ours() - self.ours()
         return max(0.0, (later.machine - self.machine - ours) / max(later.wall - self.wall, 1e-9))
 
 
@@ -257,23 +271,27 @@ def fmt(value: float | None, digits: int = 2) -> str:
 # ---------------------------------------------------------------------------------------------- artifacts
 
 
-def ensure_artifacts(table: Path, data: RoutingData, retrain: bool) -> dict[str, dict[str, Any]]:
-    """A `knn` and a `cost_aware` artifact trained on `table` by `turnout train`, reused when one trained on
-    the same table is already in the cache. Missing ones are trained in parallel (one core each)."""
+def ensure_artifacts(table: Path, data: RoutingData, retrain: bool, embedder: str) -> dict[str, dict[str, Any]]:
+    """A `knn` and a `cost_aware` artifact trained on `table` by `turnout train --embedder <embedder>`, reused
+    when one trained on the same table with that embedder is already in the cache. Missing ones are trained in
+    parallel (one core each)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     info: dict[str, dict[str, Any]] = {}
     jobs: dict[str, tuple[subprocess.Popen[bytes], Path, float]] = {}
+    suffix = "" if embedder == "onnx" else f"-{embedder}"
     for router in ROUTERS:
-        out = ARTIFACTS / f"{table.parent.name}-{router}"
+        out = ARTIFACTS / f"{table.parent.name}-{router}{suffix}"
         meta_path = out / "meta.json"
         if not retrain and meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            if meta.get("router") == router and meta.get("data_hash") == data.data_hash:
+            if (meta.get("router") == router and meta.get("data_hash") == data.data_hash
+                    and meta.get("embedder") == embedder_id(embedder)):
                 info[router] = {"path": str(out), "version": meta["version"], "embedder": meta["embedder"],
                                 "reused": True, "train_wall_s": None}
                 continue
         log = ARTIFACTS / f".{out.name}.train.log"
-        cmd = [sys.executable, "-m", "server", "train", "--data", str(table), "--router", router, "--out", str(out)]
+        cmd = [sys.executable, "-m", "server", "train", "--data", str(table), "--router", router, "--out", str(out),
+               "--embedder", embedder]
         print(f"training {router}: {' '.join(cmd)}", flush=True)
         with log.open("wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
@@ -281,7 +299,7 @@ def ensure_artifacts(table: Path, data: RoutingData, retrain: bool) -> dict[str,
         jobs[router] = (proc, log, time.perf_counter())
     for router, (proc, log, started) in jobs.items():
         code = proc.wait()
-        out = ARTIFACTS / f"{table.parent.name}-{router}"
+        out = ARTIFACTS / f"{table.parent.name}-{router}{suffix}"
         if code != 0 or not (out / "meta.json").exists():
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             raise RuntimeError(f"`turnout train --router {router}` failed (exit {code}); log {log}:\n{tail}")
@@ -350,8 +368,8 @@ class Planner:
         # Warm-up, evenly spaced at the same rate: every repeated prompt through each policy of each gateway, so
         # that the repeated set is cached, the ONNX session and the routers have run, and connections are open.
         targets = [("main", "knn"), ("main", "cost_aware"), ("main", "fixed")]
-        if any(p.gateway == "nowait" for p in self.phases.values()):
-            targets.append(("nowait", "knn"))
+        used = {(p.gateway, p.policy) for p in self.phases.values() if p.gateway != "main"}
+        targets += sorted(used)
         warm = [(gw, pol, prompt) for prompt in self.pools.repeated for gw, pol in targets]
         self._warm = [Arrival(i / self.rate, 0, "warmup", gw, pol, prompt) for i, (gw, pol, prompt) in enumerate(warm)]
         out = [Block(0, -1, "warmup", len(warm) / self.rate)]
@@ -557,8 +575,10 @@ def summarise(phases: Sequence[Phase], runs: Sequence[BlockRun], samples: Sequen
         ok = [s for s in ss if s.error is None]
         seconds = sum(r.block.seconds for r in mine)
         cpu = {k: sum(getattr(r.cpu_end, k) - getattr(r.cpu_start, k) for r in mine)
-               for k in ("wall", "main", "nowait", "fakes", "client", "machine")}
-        ours = cpu["main"] + cpu["nowait"] + cpu["fakes"] + cpu["client"]
+               for k in ("wall", "fakes", "client", "machine")}
+        cpu[phase.gateway] = sum(r.cpu_end.gateways[phase.gateway] - r.cpu_start.gateways[phase.gateway]
+                                 for r in mine)
+        ours = sum(r.cpu_end.ours() - r.cpu_start.ours() for r in mine)
         hits = Counter(cache_state(cached, s.request_id) for s in ok)
         by_round = []
         for r in mine:
@@ -633,6 +653,14 @@ def comparisons(phases: dict[str, Any]) -> dict[str, Any]:
             for metric in ("routing_ms", "overhead_ms") for p in ("p50", "p99")
             for kind, name in (("unique", "knn_unique"), ("repeated", "knn_repeated"))
         }
+    for router in ROUTERS:
+        minilm, static = f"{router}_unique", f"{router}_unique_static"
+        if minilm in phases and static in phases:
+            out.setdefault("static_vs_minilm", {})[router] = {
+                f"{metric}_{p}_{kind}": q(name, metric, p)
+                for metric in ("routing_ms", "overhead_ms") for p in ("p50", "p99")
+                for kind, name in (("minilm", minilm), ("static", static))
+            }
     if "knn_unique" in phases and "knn_unique_nowait" in phases:
         out["batching_wait_knn"] = {
             f"routing_ms_{p}_{kind}": q(name, "routing_ms", p)
@@ -718,7 +746,10 @@ def where_time_goes(ph: dict[str, Any]) -> list[str]:
             f"{miss * ph['knn_unique']['target_rps'] / 1000:.2f} cores for the gateway alone, on a "
             f"{os.cpu_count()}-core machine also running the load client "
             f"({ph['knn_unique']['cpu']['client_ms_per_request']:.2f} ms/request) and the fake workers "
-            f"({ph['knn_unique']['cpu']['fakes_ms_per_request']:.2f} ms/request)."]
+            f"({ph['knn_unique']['cpu']['fakes_ms_per_request']:.2f} ms/request).",
+            *([f"- knn with the static embedder on a cache miss: {static:.2f}, so embedding one prompt adds "
+               f"{static - hit:.2f} there (its gateway runs only the static policies)."]
+              if (static := cpu("knn_unique_static")) is not None else [])]
 
 
 def disturbance(result: dict[str, Any]) -> list[str]:
@@ -751,7 +782,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"# Routing overhead at {cfg['rate_rps']:g} requests/s (embed + score), beside the `fixed` policy",
         "",
         f"One run on {m['cpus']} CPUs ({m['cpu_model']}, Python {m['python']}), shared by the load client, "
-        f"{'two gateways' if cfg['nowait_phase'] else 'the gateway'} and nine fake workers (one per model of "
+        f"{len(cfg['gateways'])} gateway(s) ({', '.join(cfg['gateways'])}) and nine fake workers (one per model of "
         f"the artifacts, each answering after {cfg['worker_latency_ms']:g} ms).",
         f"Open-loop {cfg['arrivals']} arrivals at {cfg['rate_rps']:g} requests/s from the `openai` SDK "
         f"(`AsyncOpenAI`, non-streaming, max_tokens {MAX_TOKENS}); {cfg['rounds']} rounds of one "
@@ -760,9 +791,11 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "so a backlog left by one phase is not charged to the next ('drain' is how long that took after the "
         "block's arrivals ended), and until the machine is quiet: a block during which other processes used more "
         f"than {cfg['disturbed_cores']:g} cores is run again and left out. Artifacts trained by `turnout train` "
-        f"on llmrouter_9model with the default ONNX embedder (knn {result['artifacts']['knn']['version']}, cost_aware "
-        f"{result['artifacts']['cost_aware']['version']}), lambda {LAMBDA}. Embedder settings: gateway defaults "
-        "(LRU cache 10,000 prompts, micro-batches of up to 32, `max_wait_ms` 2).",
+        "on llmrouter_9model, " + "; ".join(
+            f"with the {emb} embedder: knn {arts['knn']['version']}, cost_aware {arts['cost_aware']['version']}"
+            for emb, arts in result["artifacts"].items())
+        + f"; lambda {LAMBDA}. Embedder settings: gateway defaults (LRU cache 10,000 prompts, micro-batches of up "
+        "to 32, `max_wait_ms` 2 for MiniLM and 0 for static) except where a phase says otherwise.",
         "",
         f"Command: `{command}`",
         "",
@@ -813,6 +846,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   f"{ce['routing_ms_p99_repeated']:.3f}.",
                   f"- overhead ms p50 {ce['overhead_ms_p50_unique']:.3f} -> {ce['overhead_ms_p50_repeated']:.3f}; "
                   f"p99 {ce['overhead_ms_p99_unique']:.3f} -> {ce['overhead_ms_p99_repeated']:.3f}."]
+    for router, sv in result["comparisons"].get("static_vs_minilm", {}).items():
+        if router == ROUTERS[0]:
+            lines += ["", "## Static embedder vs MiniLM (the same unique prompts, same run)", ""]
+        lines.append(f"- {router}: routing ms p50 {sv['routing_ms_p50_minilm']:.3f} (MiniLM) -> "
+                     f"{sv['routing_ms_p50_static']:.3f} (static); p99 {sv['routing_ms_p99_minilm']:.3f} -> "
+                     f"{sv['routing_ms_p99_static']:.3f}; overhead p50 {sv['overhead_ms_p50_minilm']:.3f} -> "
+                     f"{sv['overhead_ms_p50_static']:.3f}, p99 {sv['overhead_ms_p99_minilm']:.3f} -> "
+                     f"{sv['overhead_ms_p99_static']:.3f}.")
     bw = result["comparisons"].get("batching_wait_knn")
     if bw:
         lines += ["", "## Micro-batching wait (knn, the same unique prompts in the same order, second gateway)", "",
@@ -892,6 +933,8 @@ def main() -> None:
     ap.add_argument("--worker-latency-ms", type=float, default=20.0, help="each fake worker's answer delay")
     ap.add_argument("--nowait-phase", action=argparse.BooleanOptionalAction, default=True,
                     help="also run knn on a second gateway with embedder.max_wait_ms 0")
+    ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run knn and cost_aware on a third gateway with the static embedder")
     ap.add_argument("--retrain", action="store_true", help="train the artifacts even when cached")
     ap.add_argument("--quiet-cores", type=float, default=0.3,
                     help="start the run and each block when other processes use at most this many cores...")
@@ -914,12 +957,15 @@ def main() -> None:
     started = time.perf_counter()
 
     data = load_table(args.data)
-    artifacts = ensure_artifacts(args.data, data, args.retrain)
+    phases = [p for p in PHASES if (args.nowait_phase or p.gateway != "nowait")
+              and (args.static_phases or p.gateway != "static")]
+    gateways = list(dict.fromkeys(["main", *(p.gateway for p in phases)]))
+    artifacts = {emb: ensure_artifacts(args.data, data, args.retrain, emb)
+                 for emb in dict.fromkeys(GATEWAYS[gw][1] for gw in gateways)}
     prices_raw = json.loads((args.data.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
     models = sorted(data.models)
     prices = {m: float(prices_raw.get(m, {}).get("input_price", 0.0)) for m in models}
     pools = make_pools(data, args.seed)
-    phases = [p for p in PHASES if args.nowait_phase or p.gateway != "nowait"]
     planner = Planner(phases, pools, args.rate, args.arrivals == "poisson", args.seed)
     planner.needed(args.rounds, args.block_s)
     blocks = planner.blocks(args.rounds, args.block_s)
@@ -932,10 +978,12 @@ def main() -> None:
     load_before = wait_until_quiet(args.quiet_cores, args.wait_quiet_s)
     tmp = Path(tempfile.mkdtemp(prefix="turnout-routing-overhead-"))
     ports = {m: free_port() for m in models}
-    gw_ports = {"main": free_port(), "nowait": free_port()}
-    gateways = ["main", "nowait"] if args.nowait_phase else ["main"]
-    write_config(tmp / "main.yaml", ports, artifacts, models, prices, ("fixed", "knn", "cost_aware"), {})
-    write_config(tmp / "nowait.yaml", ports, artifacts, models, prices, ("knn",), {"max_wait_ms": 0})
+    gw_ports = {gw: free_port() for gw in gateways}
+    for gw in gateways:
+        policies = ("fixed", "knn", "cost_aware") if gw == "main" else tuple(
+            dict.fromkeys(p.policy for p in phases if p.gateway == gw))
+        embedder_cfg, embedder = GATEWAYS[gw]
+        write_config(tmp / f"{gw}.yaml", ports, artifacts[embedder], models, prices, policies, embedder_cfg)
     ok = False
     try:
         with contextlib.ExitStack() as stack:
@@ -951,8 +999,7 @@ def main() -> None:
 
             def snapshot() -> CpuSnapshot:
                 return CpuSnapshot(
-                    wall=time.perf_counter(), main=cpu_seconds(procs["main"].pid),
-                    nowait=cpu_seconds(procs["nowait"].pid) if "nowait" in procs else 0.0,
+                    wall=time.perf_counter(), gateways={gw: cpu_seconds(p.pid) for gw, p in procs.items()},
                     fakes=sum(cpu_seconds(f.pid) for f in fakes), client=time.process_time(),
                     machine=machine_busy_s())
 
@@ -961,7 +1008,7 @@ def main() -> None:
                   f"after a {blocks[0].seconds:g} s warm-up", flush=True)
             samples, runs = asyncio.run(drive(planner, blocks, urls, snapshot, gate))
         # Stopped: the request logs are complete.
-        cached = {**request_log(tmp / "gateway-main.log"), **request_log(tmp / "gateway-nowait.log")}
+        cached = {k: v for gw in gateways for k, v in request_log(tmp / f"gateway-{gw}.log").items()}
         load_after = machine_load(3.0)
         counted = counted_runs(runs, gate)
         phase_stats = summarise(phases, counted, samples, cached, pieces, args.rate)
@@ -969,7 +1016,8 @@ def main() -> None:
             "command": command,
             "config": {"rate_rps": args.rate, "arrivals": args.arrivals, "rounds": args.rounds, "block_s": args.block_s,
                        "warmup_s": blocks[0].seconds, "worker_latency_ms": args.worker_latency_ms,
-                       "nowait_phase": args.nowait_phase, "seed": args.seed, "lambda": LAMBDA,
+                       "nowait_phase": args.nowait_phase, "static_phases": args.static_phases,
+                       "gateways": gateways, "seed": args.seed, "lambda": LAMBDA,
                        "quiet_cores": args.quiet_cores, "disturbed_cores": args.disturbed_cores,
                        "max_redos": args.max_redos,
                        "max_tokens": MAX_TOKENS, "client": "openai.AsyncOpenAI over httpx2, max_retries 0",

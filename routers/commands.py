@@ -27,15 +27,25 @@ from routers.training import train
 F32 = npt.NDArray[np.float32]
 
 
+def cache_root() -> Path:
+    """Turnout's cache directory: `$TURNOUT_CACHE`, else `~/.cache/turnout`."""
+    return Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
+
+
 def cache_dir() -> Path:
     """Where table embeddings are kept between runs."""
-    return Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout")) / "embeddings"
+    return cache_root() / "embeddings"
+
+
+def model_cache_dir() -> Path:
+    """Where derived model files (the static embedder's distilled table) are kept between runs."""
+    return cache_root() / "models"
 
 
 def load_and_embed(table: Path, embedder_spec: str, console: Console) -> tuple[RoutingData, F32, Embedder]:
     """Load and validate a table, then embed its prompts (from the disk cache when seen before)."""
     data = load_table(table)
-    embedder = make_embedder(embedder_spec)
+    embedder = make_embedder(embedder_spec, model_cache_dir())
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(f"embedding {len(data)} prompts", total=len(data))

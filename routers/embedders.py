@@ -2,6 +2,8 @@
 
 - `OnnxMiniLMEmbedder` (the default): all-MiniLM-L6-v2 with int8 weights run by onnxruntime on the CPU, tokenised
   by the model's own `tokenizer.json` shipped in `routers/assets/`. Needs neither torch nor a model hub.
+- `StaticEmbedder` (in `routers.static_embedder`): word-piece vectors distilled from that model, averaged; for
+  CPU-only gateways that must embed many new prompts a second.
 - `SentenceTransformerEmbedder`: any sentence-transformers model from a local path or name, on the GPU when there
   is one. sentence-transformers and torch are optional (`pip install turnout[st]`) and imported only when one is
   built, so `routers` imports without them.
@@ -171,17 +173,26 @@ class OnnxMiniLMEmbedder:
         self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], types: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float32]:
         """Embed one tokenised batch."""
+        return l2_normalise(self._mean_hidden(ids, mask, types))
+
+    def hidden_mean(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The unnormalised mean-pooled output for unpadded, single-segment token id rows (for distilling)."""
+        return self._mean_hidden(ids, np.ones_like(ids), np.zeros_like(ids))
+
+    def _mean_hidden(
+        self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], types: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
         # A single-segment input is all segment 0; the model does read token_type_ids (ones change its output).
         columns = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feed = {name: columns[name].astype(dtype, copy=False) for name, dtype in self._input_types.items()}
         hidden = np.asarray(self.session.run([self._output], feed)[0], dtype=np.float32)
         if self._pooled:
-            return l2_normalise(hidden)
+            return hidden
         # Mean over the real tokens only: padding positions still get (meaningless) hidden states.
         weights = mask[:, :, None].astype(np.float32)
         summed = (hidden * weights).sum(axis=1)
         counts = np.maximum(weights.sum(axis=1), np.float32(1e-9))
-        return l2_normalise(summed / counts)
+        return np.asarray(summed / counts, dtype=np.float32)
 
 
 def plan_batches(
@@ -257,25 +268,38 @@ def st_embedder_id(model: str) -> str:
     return f"st:{path.parent.name}/{path.name}" if path.exists() else f"st:{model}"
 
 
+_SPECS = "expected 'onnx', 'minilm', 'static' or 'st:<path or name>'"
+
+
 def embedder_id(spec: str) -> str:
     """The id `make_embedder(spec)` would have, without loading any model (for checking artifacts)."""
     spec = spec.strip()
     if spec.lower() in ("onnx", "minilm"):
         return MINILM_ONNX_ID
+    if spec.lower() == "static":
+        from routers.static_embedder import STATIC_ID
+
+        return STATIC_ID
     if spec.startswith("st:") and spec[3:].strip():
         return st_embedder_id(spec[3:].strip())
-    raise ValueError(f"unknown embedder spec {spec!r}: expected 'onnx', 'minilm' or 'st:<path or name>'")
+    raise ValueError(f"unknown embedder spec {spec!r}: {_SPECS}")
 
 
-def make_embedder(spec: str) -> Embedder:
-    """Build an embedder from a short spec: "onnx" or "minilm" (the default int8 model on the CPU), or
+def make_embedder(spec: str, cache_dir: Path | None = None) -> Embedder:
+    """Build an embedder from a short spec: "onnx" or "minilm" (the default int8 model on the CPU), "static" (word
+    piece vectors distilled from it, see `routers.static_embedder`; its table is kept in `cache_dir` when given), or
     "st:<path or name>" (sentence-transformers). The result is not cached; wrap it in `CachedEmbedder`."""
     spec = spec.strip()
     if spec.lower() in ("onnx", "minilm"):
         return OnnxMiniLMEmbedder()
+    if spec.lower() == "static":
+        # Imported here: the static module builds on this one.
+        from routers.static_embedder import StaticEmbedder
+
+        return StaticEmbedder.from_minilm(cache_dir)
     if spec.startswith("st:") and spec[3:].strip():
         return SentenceTransformerEmbedder(spec[3:].strip())
-    raise ValueError(f"unknown embedder spec {spec!r}: expected 'onnx', 'minilm' or 'st:<path or name>'")
+    raise ValueError(f"unknown embedder spec {spec!r}: {_SPECS}")
 
 
 def default_embedder() -> Embedder:

@@ -16,6 +16,8 @@ from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError
 from server.state import check_config_file
 
+EMBEDDER_HELP = "onnx (default), static (distilled from it; fast on CPUs) or st:<model path>"
+
 
 class LogLevel(enum.StrEnum):
     """Log levels `serve` accepts."""
@@ -80,7 +82,7 @@ def train_cmd(
     data: Annotated[Path, typer.Option(help="Routing table (parquet, jsonl or csv)")],
     router: Annotated[str, typer.Option(help="knn, cost_aware or bandit")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write")],
-    embedder: Annotated[str, typer.Option(help="onnx (default) or st:<model path>")] = "onnx",
+    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "onnx",
 ) -> None:
     """Train a router on a table's training rows and write a versioned artifact."""
     from routers.commands import run_train
@@ -104,7 +106,7 @@ def eval_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the cost-quality plot here (PNG)")] = None,
     online: Annotated[bool, typer.Option(help="Also replay the table through the bandit (regret)")] = False,
-    embedder: Annotated[str, typer.Option(help="onnx (default) or st:<model path>")] = "onnx",
+    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "onnx",
     seed: Annotated[int, typer.Option(help="Seed of splits and replays")] = 0,
 ) -> None:
     """Train each router on the training rows and report every routing metric on the evaluation rows."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from routers.commands import model_cache_dir
 from routers.embedders import Embedder, make_embedder
 from routers.embedders import embedder_id as embedder_id_of  # `embedder_id` is a parameter name here
 from server.accounting import Recorder
@@ -114,8 +115,8 @@ class GatewayState:
     @staticmethod
     def _make_embedding(config: TurnoutConfig, embedder: Embedder | None) -> EmbeddingService:
         e = config.embedder
-        return EmbeddingService(embedder or make_embedder(e.spec()), cache_size=e.cache_size,
-                                max_batch=e.max_batch, max_wait_ms=e.max_wait_ms)
+        return EmbeddingService(embedder or make_embedder(e.spec(), model_cache_dir()), cache_size=e.cache_size,
+                                max_batch=e.max_batch, max_wait_ms=e.wait_ms())
 
     def start(self, background_checks: bool = True) -> None:
         """Start the embedding batcher and (unless disabled) health and load polling."""

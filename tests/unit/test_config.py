@@ -130,3 +130,13 @@ def test_readme_config_snippet_is_valid() -> None:
     snippet = snippet[:snippet.index("```")]
     cfg = parse_config(yaml.safe_load(snippet))
     assert cfg.upstream.keepalive_expiry_s == 4 and cfg.server.health_failures_to_down == 2
+
+
+def test_embedder_backends_and_their_batching_wait() -> None:
+    raw = yaml.safe_load(ISSUE_EXAMPLE)
+    assert parse_config(raw).embedder.wait_ms() == 2.0, "a model batches concurrent misses by default"
+    static = parse_config({**raw, "embedder": {"backend": "static"}}).embedder
+    assert static.spec() == "static" and static.wait_ms() == 0.0, "no wait where embedding costs less than one"
+    assert parse_config({**raw, "embedder": {"backend": "static", "max_wait_ms": 3}}).embedder.wait_ms() == 3.0
+    with pytest.raises(ConfigError, match="embedder.backend"):
+        parse_config({**raw, "embedder": {"backend": "word2vec"}})
