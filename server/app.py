@@ -27,6 +27,7 @@ from server.state import GatewayState
 from server.workers import Health
 
 CONFIG_ENV = "TURNOUT_CONFIG"
+UI_PAGE = Path(__file__).parent / "ui" / "index.html"
 log = logging.getLogger("turnout.app")
 
 
@@ -131,6 +132,15 @@ def create_app(
         }
         ready = any(w.health is Health.UP for w in registry.workers.values())
         return JSONResponse({"ready": ready, "workers": workers}, status_code=200 if ready else 503)
+
+    @app.get("/ui", summary="Status page: routing mix, cost and savings, latency, worker health")
+    async def ui() -> Response:
+        return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+
+    @app.get("/ui/status.json", summary="The status page's numbers")
+    async def ui_status(request: Request) -> JSONResponse:
+        state = gw(request)
+        return JSONResponse(state.status.snapshot(state.live))
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:

@@ -122,6 +122,12 @@ class ServerConfig(_Model):
     feedback_max_requests: Annotated[int, Field(ge=1)] = 100_000
     # The environment variable holding the key of `POST /admin/reload`; unset = admin endpoints disabled.
     admin_key_env: str = Field(default="TURNOUT_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Savings are counted against this model's price (a worker's model name); unset = the dearest configured model.
+    reference_model: str | None = None
+    # Record Prometheus metrics on the request path (off only to measure what they cost).
+    metrics: bool = True
+    # Write prompts and completions into the request log. Off by default: they may hold personal data.
+    log_prompts: bool = False
 
 
 class EmbedderConfig(_Model):
@@ -158,6 +164,15 @@ class TurnoutConfig(_Model):
     upstream: UpstreamConfig = UpstreamConfig()
     server: ServerConfig = ServerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+
+    def reference(self) -> tuple[str, Price]:
+        """The model savings are counted against, and its price: `server.reference_model`, else the dearest model
+        (by the sum of its input and output prices; the first configured on a tie)."""
+        if self.server.reference_model is not None:
+            ref = next(w for w in self.workers if w.model == self.server.reference_model)
+        else:
+            ref = max(self.workers, key=lambda w: w.price.input_per_1m + w.price.output_per_1m)
+        return ref.model, ref.price
 
     def worker(self, name: str) -> WorkerConfig:
         """The worker called `name` (KeyError if none)."""
@@ -248,6 +263,10 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
         if isinstance(shadow, str) and (shadow == pname or shadow not in policies):
             problems.append(f"policies.{pname}.shadow: {shadow!r} must name another policy "
                             f"(known: {sorted(set(policies) - {pname})})")
+    srv = raw.get("server")
+    ref = srv.get("reference_model") if isinstance(srv, dict) else None
+    if isinstance(ref, str) and ref not in models:
+        problems.append(f"server.reference_model: {ref!r} is no worker's model (models: {sorted(models)})")
     embedder = raw.get("embedder")
     if isinstance(embedder, dict) and embedder.get("backend") == "st" and not embedder.get("model_path"):
         problems.append("embedder.model_path: the 'st' backend needs a local model directory")

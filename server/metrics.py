@@ -1,23 +1,41 @@
 """Prometheus metrics of the gateway, on a registry owned by one app instance.
 
-Label values come from bounded sets only (policy, model, worker, status); never a prompt, key or id.
+Label values come from bounded sets only (policy, model, worker, status, reason); never a prompt, key or id.
+Counters are exported with the `_total` suffix prometheus-client adds (`turnout_requests_total`, ...).
+
+The gateway runs as one process per container (uvicorn, one worker): its routing state (embedding cache,
+bandit sums, affinity, in-flight counts) lives in that process, so several worker processes behind one port
+would each see a slice of it. Scale by running more gateway containers, each scraped on its own.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-# Gateway overhead is milliseconds; generation is seconds to minutes.
-OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.workers import Health
+
+if TYPE_CHECKING:  # only for the annotation: the state module builds this one
+    from server.state import Live
+
+# Gateway overhead, routing, embedding and scoring are milliseconds; generation is seconds to minutes.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                    0.25, 1.0)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 
 class Metrics:
-    """The gateway's metric families."""
+    """The gateway's metric families. `enabled=False` keeps the families (so `/metrics` still answers) but the
+    request path records nothing: the load benchmark measures what recording costs."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
         # The `*_created` series add a sample per label set and nothing a dashboard uses.
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.enabled = enabled
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -45,6 +63,16 @@ class Metrics:
         self.cost = Counter(
             "turnout_cost_usd", "Cost in USD (usage tokens x configured prices).", ["model", "policy"], registry=r
         )
+        # Two counters rather than one "savings" counter: savings are negative whenever a request goes to a model
+        # dearer than the reference, and a counter may only go up. Savings = reference cost - cost.
+        self.reference_cost = Counter(
+            "turnout_reference_cost_usd", "What the same tokens would have cost on the reference model "
+            "(server.reference_model).", ["model", "policy"], registry=r,
+        )
+        self.savings = Gauge(
+            "turnout_savings_usd", "Reference cost minus cost since the gateway started (negative when routing "
+            "spent more than the reference model would have).", ["policy"], registry=r,
+        )
         self.upstream_errors = Counter(
             "turnout_upstream_errors", "Failed exchanges with workers, by reason.", ["worker", "reason"],
             registry=r,
@@ -58,11 +86,64 @@ class Metrics:
             "turnout_routing_duration_seconds", "Time to decide a route (embedding + scoring).", ["policy"],
             buckets=OVERHEAD_BUCKETS, registry=r,
         )
+        self.embedding = Histogram(
+            "turnout_embedding_duration_seconds", "Time a request waited for its prompt's embedding, by whether "
+            "the embedding cache had it.", ["cache"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        self.scoring = Histogram(
+            "turnout_scoring_duration_seconds", "Time a policy (and its shadow) took to score the candidates.",
+            ["policy"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )
         self.shadow_decisions = Counter(
             "turnout_shadow_decisions", "Requests by live policy's and shadow policy's choices.",
             ["policy", "shadow", "live_model", "shadow_model"], registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "turnout_shadow_disagreements", "Requests on which the shadow policy chose another model than the "
+            "live one.", ["policy", "shadow"], registry=r,
         )
         self.feedback = Counter(
             "turnout_feedback", "Feedback received, by policy and result.", ["policy", "result"], registry=r,
         )
         self.reloads = Counter("turnout_config_reloads", "Config reloads by result.", ["result"], registry=r)
+
+    def watch(self, live: Callable[[], Live]) -> None:
+        """Export the workers' state and the policies' budgets of whatever config is live at scrape time."""
+        self.registry.register(LiveCollector(live))
+
+
+class LiveCollector(Collector):
+    """Gauges read from the live snapshot when Prometheus scrapes: worker health and queues (the queues as last
+    read from each vLLM worker's /metrics), this gateway's in-flight requests per worker, and policy budgets."""
+
+    def __init__(self, live: Callable[[], Live]) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The current values (called by prometheus-client on every scrape)."""
+        live = self.live()
+        labels = ["worker", "model"]
+        up = GaugeMetricFamily("turnout_worker_up", "1 when the worker's health check passes.", labels=labels)
+        running = GaugeMetricFamily("turnout_worker_requests_running",
+                                    "Requests the worker reports running (vLLM's num_requests_running).", labels=labels)
+        waiting = GaugeMetricFamily("turnout_worker_requests_waiting",
+                                    "Requests the worker reports queued (vLLM's num_requests_waiting).", labels=labels)
+        kv = GaugeMetricFamily("turnout_worker_kv_cache_usage",
+                               "KV-cache usage the worker reports, 0..1 (vLLM's kv_cache_usage_perc).", labels=labels)
+        in_flight = GaugeMetricFamily("turnout_worker_in_flight_requests",
+                                      "Requests this gateway has open at the worker.", labels=labels)
+        for w in live.registry.workers.values():
+            key = [w.name, w.model]
+            up.add_metric(key, 1.0 if w.health is Health.UP else 0.0)
+            in_flight.add_metric(key, float(w.in_flight))
+            # Unknown stays absent rather than 0: a worker whose /metrics cannot be read has no queue to show.
+            for family, value in ((running, w.running), (waiting, w.waiting), (kv, w.kv_cache_usage)):
+                if value is not None:
+                    family.add_metric(key, float(value))
+        budget = GaugeMetricFamily("turnout_policy_budget_usd_per_hour",
+                                   "A policy's configured spending budget (budget_usd_per_hour).", labels=["policy"])
+        for name, spec in live.config.policies.items():
+            value = getattr(spec, "budget_usd_per_hour", None)
+            if value is not None:
+                budget.add_metric([name], float(value))
+        yield from (up, running, waiting, kv, in_flight, budget)

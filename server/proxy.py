@@ -88,6 +88,7 @@ def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     """Note the decision on the exchange, and arrange for the policy to hear the outcome."""
     ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
     ex.routing_s, ex.embed_cached, ex.affinity = (sel.routing_s if sel.policy else None), sel.embed_cached, sel.affinity
+    ex.embed_s, ex.score_s = sel.embed_s, sel.score_s
     ex.reason = sel.decision.reason if sel.decision else None
     router, decision = sel.router, sel.decision
     if router is None or decision is None:
@@ -113,6 +114,10 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(schema, body)
         ex.stream = bool(req.stream)
+        ex.reference_price = live.config.reference()[1]
+        if live.config.server.log_prompts:
+            ex.prompt_log = body.get("messages") if kind == "chat" else body.get("prompt")
+            ex.completion_parts = []
         body.pop("turnout", None)  # the gateway's own field; workers never see it
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity,
                                  route_input(request, body, req), ex.request_id)
@@ -208,6 +213,8 @@ async def _forward(gw: GatewayState, worker: Worker, path: str, payload: bytes, 
         raise GatewayError(502, f"Worker '{worker.name}' sent a body that is not JSON.",
                            type="server_error", code="upstream_bad_response") from None
     ex.set_usage(data.get("usage") if isinstance(data, dict) else None, worker.config.price)
+    if ex.completion_parts is not None and isinstance(data, dict):
+        ex.completion_parts.extend(choice_texts(data))
     ex.http_status = resp.status_code
     return Response(resp.content, status_code=resp.status_code, media_type="application/json",
                     headers=ex.headers())
@@ -250,6 +257,28 @@ async def _open_stream(
     return RelayResponse(relay, headers=ex.headers())
 
 
+def choice_texts(obj: dict[str, Any]) -> list[str]:
+    """The text in a completion object or chunk: each choice's message or delta content, or its text."""
+    out: list[str] = []
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        part = choice.get("message") or choice.get("delta")
+        text = part.get("content") if isinstance(part, dict) else choice.get("text")
+        if isinstance(text, str):
+            out.append(text)
+    return out
+
+
+def _chunk_texts(data: bytes) -> list[str]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return []
+    return choice_texts(obj) if isinstance(obj, dict) else []
+
+
 class StreamRelay(EventSource):
     """Relays a worker's SSE stream event by event, takes the usage, and ends every stream properly:
     a stream the worker breaks off ends with an error event and `[DONE]`, never a silent truncation."""
@@ -277,6 +306,8 @@ class StreamRelay(EventSource):
                         saw_done = True
                     elif not self._keep(data):
                         continue
+                    elif ex.completion_parts is not None:
+                        ex.completion_parts.extend(_chunk_texts(data))
                     out += event + b"\n\n"
                 ex.relay_s += time.perf_counter() - t  # the gateway's own work on this chunk
                 if out:

@@ -131,8 +131,9 @@ class Selection:
     router: Router | None = None
     shadow: RoutingDecision | None = None
     routing_s: float = 0.0  # embedding + scoring, as seen by this request
-    embed_s: float | None = None
+    embed_s: float | None = None  # waiting for the embedding (None: no policy needed one)
     embed_cached: bool | None = None
+    score_s: float | None = None  # the policy's and its shadow's scoring
     affinity: bool = False
 
 
@@ -195,14 +196,16 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
         max_cost_usd=opts.max_cost_usd if opts else None, min_quality=opts.min_quality if opts else None,
         queue={t: registry.queue(t) for t in candidates},
     )
+    t_score = time.perf_counter()
     decision = router.route(req)
     shadow = None
     if shadow_router is not None:
         shadow = _shadow_decision(shadow_router, req, registry)
+    score_s = time.perf_counter() - t_score
     if aff is not None and inp.session and not dry_run:
         affinity.put(policy, inp.session, decision.chosen, aff.max_sessions)
     return Selection(target=decision.chosen, policy=policy, decision=decision, router=router, shadow=shadow,
-                     routing_s=time.perf_counter() - started, embed_s=embed_s, embed_cached=cached)
+                     routing_s=time.perf_counter() - started, embed_s=embed_s, embed_cached=cached, score_s=score_s)
 
 
 def _shadow_decision(router: Router, live: RoutingRequest, registry: WorkerRegistry) -> RoutingDecision | None:

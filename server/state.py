@@ -26,6 +26,7 @@ from server.load import LoadMonitor
 from server.metrics import Metrics
 from server.routing import RoutingTable, artifact_context
 from server.sessions import AffinityStore
+from server.status import StatusBook
 from server.workers import HealthMonitor, WorkerRegistry
 
 log = logging.getLogger("turnout.state")
@@ -89,8 +90,9 @@ class GatewayState:
         """Build every part from a validated config (`ConfigError` if a policy cannot be built)."""
         self.config_path = config_path
         self.client = client or make_client(config.upstream)
-        self.metrics = Metrics()
-        self.recorder = Recorder(self.metrics)
+        self.metrics = Metrics(enabled=config.server.metrics)
+        self.status = StatusBook()
+        self.recorder = Recorder(self.metrics, self.status)
         self.embedding: EmbeddingService | None = None
         if embedder is not None or needs_embedder(config):
             self.embedding = self._make_embedding(config, embedder)
@@ -98,6 +100,7 @@ class GatewayState:
         table = build_table(config, config_path, self.embedding.id if self.embedding else None,
                             str(config_path or "config"))
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time())
+        self.metrics.watch(lambda: self.live)
         srv = config.server
         self.health = HealthMonitor(registry, srv.health_interval_s, srv.health_timeout_s, srv.health_failures_to_down)
         self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)

@@ -138,5 +138,5 @@ def test_embedder_backends_and_their_batching_wait() -> None:
     static = parse_config({**raw, "embedder": {"backend": "static"}}).embedder
     assert static.spec() == "static" and static.wait_ms() == 0.0, "no wait where embedding costs less than one"
     assert parse_config({**raw, "embedder": {"backend": "static", "max_wait_ms": 3}}).embedder.wait_ms() == 3.0
-    with pytest.raises(ConfigError, match="embedder.backend"):
+    with pytest.raises(ConfigError, match=r"embedder\.backend"):
         parse_config({**raw, "embedder": {"backend": "word2vec"}})
