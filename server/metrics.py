@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 
 from server.workers import Health
 
-if TYPE_CHECKING:  # only for the annotation: the state module builds this one
+if TYPE_CHECKING:  # only for annotations: the state module builds this one
+    from server.config import TurnoutConfig
     from server.state import Live
 
 # Gateway overhead, routing, embedding and scoring are milliseconds; generation is seconds to minutes.
@@ -106,6 +107,21 @@ class Metrics:
             "turnout_feedback", "Feedback received, by policy and result.", ["policy", "result"], registry=r,
         )
         self.reloads = Counter("turnout_config_reloads", "Config reloads by result.", ["result"], registry=r)
+
+    def prime(self, config: TurnoutConfig) -> None:
+        """Create the per-model and per-policy series at 0 before the first request (and for models or
+        policies a reload adds): a series that first appears with its first increment already in it shows no
+        increase to `rate()`, so the first requests would be missing from every per-hour panel."""
+        models = sorted({w.model for w in config.workers})
+        policies = ["", *config.policies]  # "" = requests that named a worker or model directly
+        for model in models:
+            self.prompt_tokens.labels(model)
+            self.completion_tokens.labels(model)
+            for policy in policies:
+                self.cost.labels(model, policy)
+                self.reference_cost.labels(model, policy)
+        for policy in policies:
+            self.savings.labels(policy)
 
     def watch(self, live: Callable[[], Live]) -> None:
         """Export the workers' state and the policies' budgets of whatever config is live at scrape time."""

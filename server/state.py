@@ -101,6 +101,7 @@ class GatewayState:
                             str(config_path or "config"))
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time())
         self.metrics.watch(lambda: self.live)
+        self.metrics.prime(config)
         srv = config.server
         self.health = HealthMonitor(registry, srv.health_interval_s, srv.health_timeout_s, srv.health_failures_to_down)
         self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)
@@ -162,6 +163,7 @@ class GatewayState:
             self.load.interval = srv.load_interval_s
             self.feedback.ttl_s, self.feedback.max_requests = srv.feedback_ttl_s, srv.feedback_max_requests
             self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time())
+            self.metrics.prime(config)
             if self._started and any(w.health.value == "unknown" for w in registry.workers.values()):
                 # New workers: learn their health now rather than at the next round.
                 task = asyncio.create_task(self.health.visit_all())
