@@ -55,6 +55,8 @@ class Exchange:
     score_s: float | None = None
     embed_cached: bool | None = None
     affinity: bool = False
+    # Models that failed before their first byte, in order, before the one that answered (fallbacks).
+    fallback_from: list[str] = field(default_factory=list)
     # Savings are counted against this price (the live config's reference model when the request started).
     reference_price: Price | None = None
     reference_cost_usd: float | None = None
@@ -99,6 +101,8 @@ class Exchange:
                 out["x-turnout-affinity"] = "1"
         if self.shadow is not None:
             out["x-turnout-shadow-model"] = self.shadow.chosen
+        if self.fallback_from:
+            out["x-turnout-fallback-from"] = ",".join(self.fallback_from)
         return out
 
     def set_usage(self, usage: Any, price: Price | None) -> None:
@@ -145,6 +149,7 @@ class Recorder:
                 "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 3),
                 "overhead_ms": round(ex.overhead_s(now) * 1000, 3),
                 "reference_cost_usd": ex.reference_cost_usd,
+                "fallback_from": ex.fallback_from or None,
                 **_decision_log(ex),
                 **_text_log(ex),
             }).decode())

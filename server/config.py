@@ -122,6 +122,9 @@ class ServerConfig(_Model):
     feedback_max_requests: Annotated[int, Field(ge=1)] = 100_000
     # The environment variable holding the key of `POST /admin/reload`; unset = admin endpoints disabled.
     admin_key_env: str = Field(default="TURNOUT_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # When the chosen model fails before its first byte (unreachable, timeout, 5xx), try up to this many of the
+    # policy's next candidates, in the policy's own order (0: no fallback).
+    max_fallbacks: Annotated[int, Field(ge=0, le=10)] = 2
     # Savings are counted against this model's price (a worker's model name); unset = the dearest configured model.
     reference_model: str | None = None
     # Record Prometheus metrics on the request path (off only to measure what they cost).

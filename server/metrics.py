@@ -78,6 +78,10 @@ class Metrics:
             "turnout_upstream_errors", "Failed exchanges with workers, by reason.", ["worker", "reason"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "turnout_fallbacks", "Requests moved to the policy's next candidate after the chosen model failed "
+            "before its first byte.", ["policy", "from_model", "to_model", "reason"], registry=r,
+        )
         self.in_flight = Gauge("turnout_in_flight_requests", "Requests in progress.", registry=r)
         self.decisions = Counter(
             "turnout_routing_decisions", "Routing decisions by policy, chosen model and how (policy or affinity).",

@@ -7,6 +7,7 @@ fields such as vLLM's extra sampling parameters reach the worker unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -34,7 +35,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequ
 from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
 from server.state import GatewayState
-from server.workers import Worker
+from server.workers import Worker, WorkerRegistry
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
     "chat": ("/chat/completions", ChatCompletionRequest),
@@ -76,6 +77,33 @@ def encode_json(body: dict[str, Any]) -> bytes:
         raise bad_request(f"Request body cannot be forwarded: {exc}") from None
 
 
+log = logging.getLogger("turnout.proxy")
+
+#: Worker failures that send a request to the next candidate (before anything reached the client).
+FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
+
+
+def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: int) -> list[str]:
+    """The targets to try in order: the decision's choice, then (when a policy ranked candidates) the next
+    ones by its own ranking that have a usable worker, at most `max_fallbacks` of them."""
+    if sel.decision is None or sel.affinity:
+        return [sel.target]
+    rest = [name for name in sel.decision.fallbacks() if name != sel.target and registry.usable(name)]
+    return [sel.target, *list(dict.fromkeys(rest))[:max_fallbacks]]
+
+
+def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, to: str) -> None:
+    """Record that `ex`'s worker failed before its first byte and the request moves on to target `to`."""
+    to_model = registry.resolve(to)[0].model
+    assert ex.worker is not None and ex.model is not None
+    if gw.metrics.enabled:
+        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
+        gw.metrics.fallbacks.labels(ex.policy or "", ex.model, to_model, err.status_label()).inc()
+    ex.fallback_from.append(ex.model)
+    log.warning("request %s: worker %s failed before its first byte (%s); falling back to %s",
+                ex.request_id, ex.worker, err.log_message(), to_model)
+
+
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
     """What routing needs from a validated request: the text a policy reads (the last user message; see
     `prompt_text`), the per-request routing choices, and the session for affinity."""
@@ -97,7 +125,9 @@ def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
 
     def tell_policy(done: Exchange) -> None:
         gw.feedback.set_cost(done.request_id, done.cost_usd)
-        router.observe(RoutingOutcome(request_id=done.request_id, chosen=decision.chosen, ok=done.status == "ok",
+        # The chosen model failed when the request had to fall back, whatever the fallback did.
+        ok = done.status == "ok" and not done.fallback_from
+        router.observe(RoutingOutcome(request_id=done.request_id, chosen=decision.chosen, ok=ok,
                                       cost_usd=done.cost_usd, latency_s=time.perf_counter() - done.started))
 
     ex.on_finish.append(tell_policy)
@@ -122,18 +152,29 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity,
                                  route_input(request, body, req), ex.request_id)
         apply_selection(gw, selection, ex)
-        worker = live.registry.pick(selection.target)
-        ex.worker, ex.model = worker.name, worker.model
-        body["model"] = worker.model
+        wants_usage = False
         if ex.stream:
             client_opts = body.get("stream_options") or {}
             wants_usage = bool(client_opts.get("include_usage"))
             # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
             body["stream_options"] = {**client_opts, "include_usage": True}
-            work = _open_stream(gw, worker, path, encode_json(body), ex, wants_usage)
-        else:
-            work = _forward(gw, worker, path, encode_json(body), ex)
-        response = await until_disconnect(request, work)
+        targets = fallback_targets(selection, live.registry, live.config.server.max_fallbacks)
+        response = None
+        for attempt, target in enumerate(targets):
+            worker = live.registry.pick(target)
+            ex.worker, ex.model = worker.name, worker.model
+            body["model"] = worker.model
+            work = (_open_stream(gw, worker, path, encode_json(body), ex, wants_usage) if ex.stream
+                    else _forward(gw, worker, path, encode_json(body), ex))
+            try:
+                response = await until_disconnect(request, work)
+                break
+            except GatewayError as err:
+                # Nothing has reached the client yet: a worker failure moves the request to the policy's next
+                # candidate. A client error (4xx) would fail anywhere, and the last candidate's error is final.
+                if err.code not in FALLBACK_CODES or attempt == len(targets) - 1:
+                    raise
+                note_fallback(gw, live.registry, ex, err, targets[attempt + 1])
         if response is None:
             ex.status, ex.http_status = "client_disconnect", 499
             return Response(status_code=499, headers=ex.headers())  # nobody is listening any more
