@@ -140,3 +140,18 @@ def test_embedder_backends_and_their_batching_wait() -> None:
     assert parse_config({**raw, "embedder": {"backend": "static", "max_wait_ms": 3}}).embedder.wait_ms() == 3.0
     with pytest.raises(ConfigError, match=r"embedder\.backend"):
         parse_config({**raw, "embedder": {"backend": "word2vec"}})
+
+
+def test_reference_model_defaults_to_the_dearest_and_must_exist() -> None:
+    raw = yaml.safe_load(ISSUE_EXAMPLE)
+    raw["workers"].append({"name": "big", "model": "big-lm", "base_url": "http://127.0.0.1:8092/v1",
+                           "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}})
+    model, price = parse_config(raw).reference()
+    assert model == "big-lm" and price.cost_usd(1_000_000, 0) == 1.0
+    raw["server"] = {"reference_model": "gemma3-270m"}
+    assert parse_config(raw).reference()[0] == "gemma3-270m"
+    raw["server"] = {"reference_model": "gpt-9", "max_fallbacks": -1}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    text = str(err.value)
+    assert "server.reference_model: 'gpt-9' is no worker's model" in text and "server.max_fallbacks" in text
