@@ -1,7 +1,9 @@
-"""Gateway overhead over N non-streaming requests through the fake worker, side by side with direct calls.
+"""Gateway overhead over N non-streaming requests through the fake worker, side by side with direct calls,
+with Prometheus metrics on and off.
 
 Reports the gateway's own `x-turnout-overhead-ms` (time in the gateway excluding the wait on the worker)
-and the client-side latency direct to the worker and through the gateway, measured in one run.
+and the client-side latency direct to the worker and through two gateways (metrics recorded, and not),
+measured in one run.
 
     python -m loadtest.overhead --requests 1000 [--concurrency 8] [--out loadtest/results/overhead]
 """
@@ -67,67 +69,106 @@ async def run_load(base_url: str, n: int, concurrency: int, model: str) -> tuple
     return latencies, overheads
 
 
+ARMS = ("metrics on", "metrics off")
+
+
+def dist(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    """Median, p90, p99 and max of `values` times `scale`."""
+    return {"median": statistics.median(values) * scale, "p90": pct(values, 90) * scale,
+            "p99": pct(values, 99) * scale, "max": max(values) * scale, "n": len(values)}
+
+
 def main() -> None:
     """Run the benchmark and write JSON and markdown results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=1000, help="per arm and concurrency level")
     ap.add_argument("--concurrency", default="1,8", help="comma-separated levels, each measured in turn")
+    ap.add_argument("--rounds", type=int, default=5, help="the arms take turns in this many rounds per level")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overhead")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="turnout-overhead-"))
-    wport, gport = free_port(), free_port()
-    cfg = {
-        "workers": [{"name": "fake", "model": "fake-model", "base_url": f"http://127.0.0.1:{wport}/v1",
-                     "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}}],
-        "policies": {"fixed": {"type": "fixed", "worker": "fake"}},
-        "default_policy": "fixed",
-    }
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    wport = free_port()
+    ports = {arm: free_port() for arm in ARMS}
+    gateways = {}
+    for arm in ARMS:
+        cfg = {
+            "workers": [{"name": "fake", "model": "fake-model", "base_url": f"http://127.0.0.1:{wport}/v1",
+                         "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}}],
+            "policies": {"fixed": {"type": "fixed", "worker": "fake"}},
+            "default_policy": "fixed",
+            "server": {"metrics": arm == "metrics on"},
+        }
+        path = tmp / f"{arm.replace(' ', '-')}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        gateways[arm] = gateway_process(path, ports[arm], log_level="warning")
     fake = fake_process(wport, "fake-model")
-    gateway = gateway_process(tmp / "config.yaml", gport, log_level="warning")
     levels = [int(c) for c in args.concurrency.split(",")]
+    per_round = args.requests // args.rounds
     runs: list[dict[str, Any]] = []
-    with fake, gateway:
-        direct_url, gw_url = f"http://127.0.0.1:{wport}/v1", f"http://127.0.0.1:{gport}/v1"
-        asyncio.run(run_load(gw_url, args.warmup, max(levels), "auto"))
+    with fake, gateways["metrics on"], gateways["metrics off"]:
+        direct_url = f"http://127.0.0.1:{wport}/v1"
+        urls = {arm: f"http://127.0.0.1:{ports[arm]}/v1" for arm in ARMS}
+        for arm in ARMS:
+            asyncio.run(run_load(urls[arm], args.warmup, max(levels), "auto"))
         asyncio.run(run_load(direct_url, args.warmup, max(levels), "fake-model"))
         for c in levels:
             direct_lat, _ = asyncio.run(run_load(direct_url, args.requests, c, "fake-model"))
-            cpu0 = cpu_seconds(gateway.pid)
-            gw_lat, overheads = asyncio.run(run_load(gw_url, args.requests, c, "auto"))
+            lat: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            over: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            cpu = dict.fromkeys(ARMS, 0.0)
+            for rnd in range(args.rounds):
+                # Alternate which arm goes first, so drift on the shared machine falls on both alike.
+                for arm in ARMS if rnd % 2 == 0 else ARMS[::-1]:
+                    cpu0 = cpu_seconds(gateways[arm].pid)
+                    got_lat, got_over = asyncio.run(run_load(urls[arm], per_round, c, "auto"))
+                    cpu[arm] += cpu_seconds(gateways[arm].pid) - cpu0
+                    lat[arm] += got_lat
+                    over[arm] += got_over
+            n = per_round * args.rounds
             runs.append({
                 "concurrency": c,
-                "overhead_header_ms": {"median": statistics.median(overheads), "p90": pct(overheads, 90),
-                                       "p99": pct(overheads, 99), "max": max(overheads), "n": len(overheads)},
-                "client_latency_ms": {
-                    "direct": {"median": statistics.median(direct_lat) * 1000, "p99": pct(direct_lat, 99) * 1000},
-                    "gateway": {"median": statistics.median(gw_lat) * 1000, "p99": pct(gw_lat, 99) * 1000},
-                },
-                "gateway_cpu_ms_per_request": (cpu_seconds(gateway.pid) - cpu0) / args.requests * 1000,
+                "direct_latency_ms": dist(direct_lat, 1000),
+                "arms": {arm: {"overhead_header_ms": dist(over[arm]), "client_latency_ms": dist(lat[arm], 1000),
+                               "gateway_cpu_ms_per_request": cpu[arm] / n * 1000} for arm in ARMS},
             })
 
-    result = {"requests": args.requests, "stream": False,
+    result = {"requests_per_arm": args.requests, "rounds": args.rounds, "stream": False,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "runs": runs}
     lines = [
-        f"# Gateway overhead: {args.requests} non-streaming requests through the fake worker",
+        f"# Gateway overhead: {args.requests} non-streaming requests per arm through the fake worker",
         "",
-        f"One run, {os.cpu_count()} CPUs shared by the load client, the gateway and the fake worker; at each",
-        "concurrency the same load goes direct to the worker, then through the gateway.",
+        f"One run, {os.cpu_count()} CPUs shared by the load client, two gateways and the fake worker. At each",
+        "concurrency the load goes direct to the worker, then through a gateway with metrics on (the default) and",
+        f"one with `server.metrics: false`, taking turns in {args.rounds} rounds so drift falls on both alike.",
+        "Both gateways use the `fixed` policy and log at warning (no request log line).",
         "`x-turnout-overhead-ms` is the gateway's time excluding the wait on the worker (which includes the",
         "upstream HTTP client's own work); the client-side difference also counts HTTP parsing and the extra hop.",
         "",
         "Command: `python -m loadtest.overhead --requests 1000` (or `make bench`).",
         "",
-        "| concurrency | overhead header median ms | p99 ms | direct median / p99 ms | gateway median / p99 ms "
+        "| concurrency | arm | overhead header median / p90 / p99 ms | client median / p99 ms "
         "| gateway CPU ms/request |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for r in runs:
-        o, d, g = r["overhead_header_ms"], r["client_latency_ms"]["direct"], r["client_latency_ms"]["gateway"]
-        lines.append(f"| {r['concurrency']} | {o['median']:.3f} | {o['p99']:.3f} | {d['median']:.2f} / {d['p99']:.2f} "
-                     f"| {g['median']:.2f} / {g['p99']:.2f} | {r['gateway_cpu_ms_per_request']:.2f} |")
+        d = r["direct_latency_ms"]
+        lines.append(f"| {r['concurrency']} | direct to the worker | - | {d['median']:.2f} / {d['p99']:.2f} | - |")
+        for arm, a in r["arms"].items():
+            o, g = a["overhead_header_ms"], a["client_latency_ms"]
+            lines.append(f"| {r['concurrency']} | gateway, {arm} | {o['median']:.3f} / {o['p90']:.3f} / "
+                         f"{o['p99']:.3f} | {g['median']:.2f} / {g['p99']:.2f} "
+                         f"| {a['gateway_cpu_ms_per_request']:.2f} |")
+    lines += ["", "## Metrics on against off (same run)", ""]
+    for r in runs:
+        on, off = r["arms"]["metrics on"], r["arms"]["metrics off"]
+        lines.append(
+            f"- concurrency {r['concurrency']}: overhead median "
+            f"{on['overhead_header_ms']['median'] / off['overhead_header_ms']['median']:.2f}x "
+            f"({on['overhead_header_ms']['median'] - off['overhead_header_ms']['median']:+.3f} ms), p99 "
+            f"{on['overhead_header_ms']['p99'] / off['overhead_header_ms']['p99']:.2f}x; gateway CPU "
+            f"{on['gateway_cpu_ms_per_request'] - off['gateway_cpu_ms_per_request']:+.2f} ms/request.")
     write_results(args.out, result, "\n".join([*lines, ""]))
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -243,3 +244,24 @@ def test_every_dashboard_and_rule_expression_returns_data(stack: dict[str, Any],
     firing = {a["labels"]["alertname"] for a in httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]}
     # Pending or firing: the ghost worker is down, and the knn policy spends over its tiny budget.
     assert {"TurnoutWorkerDown", "TurnoutBudgetBurn"} <= firing, firing
+
+
+def test_shipped_prometheus_config_and_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Debian's prometheus package) is missing: `make test` installs it")
+    for args in (["check", "config", str(REPO / "deploy" / "prometheus" / "prometheus.yml")],
+                 ["check", "rules", str(RULES)]):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_is_well_formed() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)) and doc["uid"]
+    for panel in doc["panels"]:
+        assert panel["datasource"]["uid"] == "turnout-prometheus" and panel["targets"], panel["title"]
+        assert [t["refId"] for t in panel["targets"]] == [chr(65 + i) for i in range(len(panel["targets"]))]
+    provisioned = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert provisioned["datasources"][0]["uid"] == "turnout-prometheus"
