@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests run for real, with apt-get, when they are missing:
-# prometheus (metrics are checked through a real Prometheus) and chromium (the status page's screenshot test).
+# prometheus (metrics are checked through a real Prometheus), chromium (the status page's screenshot test) and
+# redis-server (shared state across gateway replicas).
 # Safe to run twice: nothing is installed when every command is already there.
 set -euo pipefail
 
-declare -A wanted=([prometheus]=prometheus [chromium]=chromium)
+declare -A wanted=([prometheus]=prometheus [chromium]=chromium [redis-server]=redis-server)
 missing=()
 for cmd in "${!wanted[@]}"; do
     command -v "$cmd" > /dev/null || missing+=("${wanted[$cmd]}")

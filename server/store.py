@@ -1,0 +1,198 @@
+"""The state store shared by gateway replicas: the few operations limits, budgets, feedback, affinity and the
+bandit need, each atomic. `MemoryStore` keeps them in this process (the default: one gateway, no setup);
+`server.redis_store.RedisStore` keeps them in Redis, where every operation that reads then writes is one Lua
+script, so concurrent replicas can never both pass a check that only one of them should.
+
+Operations:
+- `window_add`: a fixed-window counter with a limit (requests or tokens per minute). Admits exactly `limit`
+  per window across all replicas: the check and the increment are one step.
+- `reserve` / `settle`: a budget of `budget` per period. `reserve` holds a request's worst-case cost if
+  spent + held + it fits; `settle` releases the hold and adds the actual cost. Spend can never pass the budget.
+- `put` / `get` / `claim`: small values with a time to live (feedback context, affinity); `claim` sets a
+  value only if absent (a second feedback score for one request is refused on every replica).
+- `hset_blob` / `hgetall_blobs`: one binary value per field of a hash (each replica's cumulative bandit
+  update under its own field; readers add them up).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (Redis down, timed out). What to do is the caller's policy."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A budget period's state."""
+
+    spent: float
+    held: float
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Atomic shared-state operations (see the module docstring). Every method may raise `StoreUnavailable`."""
+
+    name: str
+
+    async def window_add(self, key: str, amount: float, limit: float, window_s: float) -> float | None:
+        """Add `amount` to the current window's total if it stays <= `limit`: None. Else nothing is added
+        and the seconds until the window ends are returned."""
+        ...
+
+    async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
+        """Add `amount` (negative allowed) to the current window's total without a check (token corrections)."""
+        ...
+
+    async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
+        """Hold `amount` if spent + held + amount <= budget."""
+        ...
+
+    async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:
+        """Release a hold of `held` and add `actual` to the spend."""
+        ...
+
+    async def budget(self, key: str) -> Budget:
+        """The period's spend and holds (zero when unknown)."""
+        ...
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Set a value that expires after `ttl_s`."""
+        ...
+
+    async def get(self, key: str) -> bytes | None:
+        """A value, or None when absent or expired."""
+        ...
+
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        """Set `key` if absent (True), or leave it (False)."""
+        ...
+
+    async def hset_blob(self, key: str, field: str, value: bytes, ttl_s: float) -> None:
+        """Set one field of a hash, and the hash's expiry."""
+        ...
+
+    async def hgetall_blobs(self, key: str) -> dict[str, bytes]:
+        """Every field of a hash."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the store answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+def window_key(key: str, window_s: float, now: float) -> tuple[str, float]:
+    """The key of the fixed window holding `now`, and the seconds left in it. Windows are aligned to the epoch,
+    so every replica agrees on them without talking to each other."""
+    index = math.floor(now / window_s)
+    return f"{key}:{index}", (index + 1) * window_s - now
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: object
+    expires: float = math.inf
+
+
+@dataclass
+class MemoryStore:
+    """All state in this process: exact for one gateway, shared with no other."""
+
+    clock: Callable[[], float] = time.time
+    name: str = "memory"
+    _data: dict[str, _Entry] = field(default_factory=dict)
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(key)
+        if entry is not None and entry.expires <= self.clock():
+            del self._data[key]
+            return None
+        return entry
+
+    def _sweep(self) -> None:
+        # Expired windows and holds would otherwise pile up; a sweep per few thousand writes is cheap.
+        if len(self._data) % 4096 == 0:
+            now = self.clock()
+            for k in [k for k, e in self._data.items() if e.expires <= now]:
+                del self._data[k]
+
+    async def window_add(self, key: str, amount: float, limit: float, window_s: float) -> float | None:
+        """See `Store.window_add`."""
+        wkey, left = window_key(key, window_s, self.clock())
+        entry = self._live(wkey)
+        total = float(entry.value) if entry is not None else 0.0  # type: ignore[arg-type]
+        if total + amount > limit:
+            return left
+        self._data[wkey] = _Entry(total + amount, self.clock() + left + 1)
+        self._sweep()
+        return None
+
+    async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
+        """See `Store.window_adjust`."""
+        wkey, left = window_key(key, window_s, self.clock())
+        entry = self._live(wkey)
+        total = float(entry.value) if entry is not None else 0.0  # type: ignore[arg-type]
+        self._data[wkey] = _Entry(total + amount, self.clock() + left + 1)
+
+    async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
+        """See `Store.reserve`."""
+        state = await self.budget(key)
+        if state.spent + state.held + amount > budget:
+            return False
+        self._data[key] = _Entry(Budget(state.spent, state.held + amount), self.clock() + ttl_s)
+        return True
+
+    async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:
+        """See `Store.settle`."""
+        state = await self.budget(key)
+        self._data[key] = _Entry(Budget(state.spent + actual, max(0.0, state.held - held)), self.clock() + ttl_s)
+
+    async def budget(self, key: str) -> Budget:
+        """See `Store.budget`."""
+        entry = self._live(key)
+        return entry.value if entry is not None and isinstance(entry.value, Budget) else Budget(0.0, 0.0)
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """See `Store.put`."""
+        self._data[key] = _Entry(value, self.clock() + ttl_s)
+        self._sweep()
+
+    async def get(self, key: str) -> bytes | None:
+        """See `Store.get`."""
+        entry = self._live(key)
+        return entry.value if entry is not None and isinstance(entry.value, bytes) else None
+
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        """See `Store.claim`."""
+        if self._live(key) is not None:
+            return False
+        self._data[key] = _Entry(b"1", self.clock() + ttl_s)
+        return True
+
+    async def hset_blob(self, key: str, field: str, value: bytes, ttl_s: float) -> None:
+        """See `Store.hset_blob`."""
+        entry = self._live(key)
+        fields = dict(entry.value) if entry is not None and isinstance(entry.value, dict) else {}
+        fields[field] = value
+        self._data[key] = _Entry(fields, self.clock() + ttl_s)
+
+    async def hgetall_blobs(self, key: str) -> dict[str, bytes]:
+        """See `Store.hgetall_blobs`."""
+        entry = self._live(key)
+        return dict(entry.value) if entry is not None and isinstance(entry.value, dict) else {}
+
+    async def ping(self) -> None:
+        """Always answers."""
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

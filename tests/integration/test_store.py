@@ -1,0 +1,87 @@
+"""The store's operations are atomic and agree between the memory and Redis implementations (a real
+`redis-server`); Redis being away is reported as `StoreUnavailable`, fast."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.redis_store import RedisStore
+from server.store import MemoryStore, Store, StoreUnavailable
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis") / "redis.log") as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else RedisStore(redis_server.url)
+    if isinstance(s, RedisStore):
+        await s.client.flushdb()
+    yield s
+    await s.aclose()
+
+
+async def test_window_admits_exactly_the_limit_under_concurrency(store: Store) -> None:
+    results = await asyncio.gather(*(store.window_add("rl:k", 1, 25, 60) for _ in range(100)))
+    admitted = [r for r in results if r is None]
+    assert len(admitted) == 25
+    assert all(r is not None and 0 < r <= 61 for r in results if r is not None), "retry-after is the window's end"
+    # Token windows: a correction after the fact can take the total back below the limit.
+    assert await store.window_add("tpm:k", 90, 100, 60) is None
+    assert await store.window_add("tpm:k", 20, 100, 60) is not None
+    await store.window_adjust("tpm:k", -50, 60)
+    assert await store.window_add("tpm:k", 20, 100, 60) is None
+
+
+async def test_budget_holds_never_overspend(store: Store) -> None:
+    got = await asyncio.gather(*(store.reserve("b:k", 0.3, 3.0, 60) for _ in range(50)))
+    assert sum(got) == 10
+    state = await store.budget("b:k")
+    assert state.held == pytest.approx(3.0) and state.spent == 0
+    # Settling at less than the hold frees room; the spend is what was actually used.
+    for _ in range(10):
+        await store.settle("b:k", 0.3, 0.1, 60)
+    state = await store.budget("b:k")
+    assert state.spent == pytest.approx(1.0) and state.held == pytest.approx(0.0, abs=1e-9)
+    assert await store.reserve("b:k", 2.0, 3.0, 60) and not await store.reserve("b:k", 0.01, 3.0, 60)
+
+
+async def test_values_claims_and_blob_hashes(store: Store) -> None:
+    await store.put("v", b"abc", 60)
+    assert await store.get("v") == b"abc" and await store.get("missing") is None
+    await store.put("short", b"x", 0.05)
+    await asyncio.sleep(0.1)
+    assert await store.get("short") is None, "values expire"
+    assert await store.claim("c", 60) and not await store.claim("c", 60)
+    await store.hset_blob("h", "replica-1", b"\x00\x01", 60)
+    await store.hset_blob("h", "replica-2", b"\x02", 60)
+    await store.hset_blob("h", "replica-1", b"\x03", 60)
+    assert await store.hgetall_blobs("h") == {"replica-1": b"\x03", "replica-2": b"\x02"}
+    assert await store.hgetall_blobs("nothing") == {}
+
+
+async def test_a_dead_redis_is_reported_fast(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis.log")
+    server.start()
+    store = RedisStore(server.url, timeout_s=0.3)
+    await store.ping()
+    server.stop(kill=True)
+    t = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.window_add("k", 1, 10, 60)
+    with pytest.raises(StoreUnavailable):
+        await store.reserve("b", 1, 10, 60)
+    assert time.monotonic() - t < 5, "no call waits for a Redis that is gone"
+    server.start()  # back on the same port: the pool reconnects by itself
+    assert await store.window_add("k", 1, 10, 60) is None
+    await store.aclose()
+    server.stop()
