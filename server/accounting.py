@@ -55,6 +55,7 @@ class Exchange:
     score_s: float | None = None
     embed_cached: bool | None = None
     affinity: bool = False
+    key: str | None = None  # the client key's name (never the key)
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).
     fallback_from: list[str] = field(default_factory=list)
     # Savings are counted against this price (the live config's reference model when the request started).
@@ -141,7 +142,7 @@ class Recorder:
                 log.exception("on_finish callback failed for request %s", ex.request_id)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info(orjson.dumps({
-                "request_id": ex.request_id, "endpoint": ex.endpoint, "policy": ex.policy,
+                "request_id": ex.request_id, "endpoint": ex.endpoint, "key": ex.key, "policy": ex.policy,
                 "model": ex.model, "worker": ex.worker, "reason": ex.reason, "stream": ex.stream,
                 "status": ex.status, "http_status": ex.http_status, "error": ex.error,
                 "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,

@@ -16,9 +16,10 @@ from starlette.responses import Response
 from routers.base import RoutingDecision
 from server.config import ConfigError, field_path
 from server.errors import GatewayError, bad_request, error_response
+from server.keys import forbidden
 from server.protocol import ChatCompletionRequest, validate_body
 from server.proxy import decode_json, read_body, route_input
-from server.routing import select
+from server.routing import explicit_policy, select
 from server.state import GatewayState
 
 log = logging.getLogger("turnout.admin")
@@ -43,11 +44,15 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
     live = gw.live
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
+        key = live.keys.authenticate(request.headers.get("authorization"))
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)
-        sel = await select(live.table, live.registry, gw.embedding, gw.affinity, route_input(request, body, req),
-                           request_id, dry_run=True)
+        inp = route_input(request, body, req)
+        policy = live.table.policy_for(inp.model, explicit_policy(inp))
+        if key is not None and policy is not None and not key.allows_policy(policy):
+            raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
+        sel = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, request_id, dry_run=True)
     except GatewayError as err:
         return error_response(err, {"x-turnout-request-id": request_id})
     out: dict[str, Any] = {"object": "turnout.route", "request_id": request_id, "model": sel.target,
@@ -80,6 +85,7 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/feedback {request_id, score}`: 200 accepted (or ignored as a repeat), 404 for an id not
     routed here or too long ago, 400 for a bad body."""
     try:
+        gw.live.keys.authenticate(request.headers.get("authorization"))
         raw = decode_json(await read_body(request, 64 * 1024))
         try:
             fb = FeedbackBody.model_validate(raw)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from routers.registry import REGISTRY
 from routers.specs import PolicySpec
@@ -125,6 +125,8 @@ class ServerConfig(_Model):
     # When the chosen model fails before its first byte (unreachable, timeout, 5xx), try up to this many of the
     # policy's next candidates, in the policy's own order (0: no fallback).
     max_fallbacks: Annotated[int, Field(ge=0, le=10)] = 2
+    # Set as max_tokens on requests without one from keys with a budget or token limit (a worst case needs it).
+    default_max_tokens: Annotated[int, Field(ge=1)] = 4096
     # Savings are counted against this model's price (a worker's model name); unset = the dearest configured model.
     reference_model: str | None = None
     # Record Prometheus metrics on the request path (off only to measure what they cost).
@@ -158,6 +160,51 @@ class EmbedderConfig(_Model):
         return f"st:{self.model_path}" if self.backend == "st" else self.backend
 
 
+_ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class KeyConfig(_Model):
+    """A client API key and what it may do. The key itself is never in the YAML: give its SHA-256 (hex), or the
+    name of an environment variable holding it. Unset limits are unlimited; empty lists allow everything."""
+
+    name: str = Field(pattern=_NAME, max_length=64)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    key_env: str | None = Field(default=None, pattern=_ENV)
+    policies: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    budget_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    budget_period: Literal["hour", "day", "month"] = "day"
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_sha256 and key_env")
+        return self
+
+
+class AuthConfig(_Model):
+    """Client authentication. Off by default (a private deployment); when on, every /v1 request needs a key."""
+
+    enabled: bool = False
+    keys: list[KeyConfig] = Field(default_factory=list)
+
+
+class StateConfig(_Model):
+    """Where limits, budgets, feedback, affinity and the bandit's learning live."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    # The Redis URL comes from the environment (it may hold a password), never from the YAML.
+    url_env: str = Field(default="TURNOUT_REDIS_URL", pattern=_ENV)
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+    # Redis unreachable: serve on this replica's own state and say so (fail_open), or refuse what needs it
+    # with 503 (fail_closed).
+    on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    # How often a replica flushes its bandit updates and reads the merged state.
+    sync_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
 class TurnoutConfig(_Model):
     """The whole gateway config. Build it with `load_config`/`parse_config` to get the cross-checks."""
 
@@ -167,6 +214,8 @@ class TurnoutConfig(_Model):
     upstream: UpstreamConfig = UpstreamConfig()
     server: ServerConfig = ServerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+    auth: AuthConfig = AuthConfig()
+    state: StateConfig = StateConfig()
 
     def reference(self) -> tuple[str, Price]:
         """The model savings are counted against, and its price: `server.reference_model`, else the dearest model
@@ -276,6 +325,30 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
     default = raw.get("default_policy")
     if default is not None and default not in policies:
         problems.append(f"default_policy: unknown policy {default!r} (known: {sorted(policies)})")
+    problems += _key_problems(raw.get("auth"), set(policies), known)
+    return problems
+
+
+def _key_problems(auth: Any, policies: set[str], known: set[str]) -> list[str]:
+    """Keys: unique names and hashes, and only policies and models that exist."""
+    keys = auth.get("keys") if isinstance(auth, dict) else None
+    if not isinstance(keys, list):
+        return []
+    problems: list[str] = []
+    items = [k for k in keys if isinstance(k, dict)]
+    for what in ("name", "key_sha256", "key_env"):
+        values: list[str] = [k[what] for k in items if isinstance(k.get(what), str)]
+        for value, n in Counter(values).items():
+            shown = value[:8] + "..." if what == "key_sha256" else value  # a hash prefix is enough to find it
+            if n > 1:
+                problems.append(f"auth.keys: {what} {shown!r} is used by {n} keys")
+    for i, k in enumerate(items):
+        for p in k.get("policies") or []:
+            if p not in policies:
+                problems.append(f"auth.keys[{i}].policies: unknown policy {p!r} (known: {sorted(policies)})")
+        for m in k.get("models") or []:
+            if m not in known:
+                problems.append(f"auth.keys[{i}].models: unknown worker or model {m!r}")
     return problems
 
 

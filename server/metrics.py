@@ -111,6 +111,16 @@ class Metrics:
             "turnout_feedback", "Feedback received, by policy and result.", ["policy", "result"], registry=r,
         )
         self.reloads = Counter("turnout_config_reloads", "Config reloads by result.", ["result"], registry=r)
+        self.limited = Counter(
+            "turnout_limited_requests", "Requests refused (429) by a key's limit.", ["key", "limit"], registry=r,
+        )
+        self.store_up = Gauge("turnout_store_up", "1 when the last shared-state operation reached the store.",
+                              registry=r)
+        self.store_up.set(1)
+        self.store_errors = Counter(
+            "turnout_store_errors", "Shared-state operations that failed to reach the store (then served by this "
+            "replica's own state, or refused, as state.on_failure says).", ["op"], registry=r,
+        )
 
     def prime(self, config: TurnoutConfig) -> None:
         """Create the per-model and per-policy series at 0 before the first request (and for models or

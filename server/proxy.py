@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from routers.base import RoutingOutcome
 from server.accounting import Exchange
+from server.config import Price
 from server.errors import (
     GatewayError,
     bad_request,
@@ -31,10 +32,12 @@ from server.errors import (
     payload_too_large,
     upstream_stream_error,
 )
+from server.keys import KeyRecord, forbidden
+from server.limits import Admission, prompt_tokens_bound
 from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, prompt_text, validate_body
-from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
+from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, explicit_policy, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
-from server.state import GatewayState
+from server.state import GatewayState, Live
 from server.workers import Worker, WorkerRegistry
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
@@ -90,6 +93,47 @@ def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: in
         return [sel.target]
     rest = [name for name in sel.decision.fallbacks() if name != sel.target and registry.usable(name)]
     return [sel.target, *list(dict.fromkeys(rest))[:max_fallbacks]]
+
+
+async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
+                ex: Exchange) -> Admission:
+    """Check what the key may use (403) and count the request against its per-minute limits (429); arrange
+    for its holds to be settled when it ends."""
+    policy = live.table.policy_for(inp.model, explicit_policy(inp))
+    if policy is not None and not key.allows_policy(policy):
+        raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
+    if policy is None and not key.allows_model(inp.model):
+        raise forbidden(f"Key '{key.name}' may not call '{inp.model}' directly.", "model")
+    c = key.config
+    if (c.budget_usd is not None or c.tokens_per_minute is not None) and not (
+            body.get("max_tokens") or body.get("max_completion_tokens")):
+        # A worst case needs a bound on the answer: without one a request could spend past the budget.
+        body["max_tokens"] = live.config.server.default_max_tokens
+    adm = await gw.limits.admit(key, worst_tokens(body))
+
+    def settle(done: Exchange) -> None:
+        used = (done.prompt_tokens or 0) + (done.completion_tokens or 0)
+        gw.spawn(gw.limits.settle(adm, done.cost_usd, used))
+
+    ex.on_finish.append(settle)
+    ex.key = key.name
+    return adm
+
+
+def _max_out(body: dict[str, Any]) -> int:
+    out = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    n = body.get("n") or 1
+    return int(out) * int(n)
+
+
+def worst_tokens(body: dict[str, Any]) -> int:
+    """The most tokens the request can use: its prompt's upper bound plus max_tokens for each of n answers."""
+    return prompt_tokens_bound(body) + _max_out(body)
+
+
+def worst_cost_usd(body: dict[str, Any], prices: list[Price]) -> float:
+    """The most the request can cost on any of the models it may go to (fallbacks included)."""
+    return max(p.cost_usd(prompt_tokens_bound(body), _max_out(body)) for p in prices)
 
 
 def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, to: str) -> None:
@@ -149,8 +193,10 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             ex.prompt_log = body.get("messages") if kind == "chat" else body.get("prompt")
             ex.completion_parts = []
         body.pop("turnout", None)  # the gateway's own field; workers never see it
-        selection = await select(live.table, live.registry, gw.embedding, gw.affinity,
-                                 route_input(request, body, req), ex.request_id)
+        inp = route_input(request, body, req)
+        key = live.keys.authenticate(request.headers.get("authorization"))
+        adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
+        selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
         apply_selection(gw, selection, ex)
         wants_usage = False
         if ex.stream:
@@ -159,6 +205,9 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
             body["stream_options"] = {**client_opts, "include_usage": True}
         targets = fallback_targets(selection, live.registry, live.config.server.max_fallbacks)
+        if adm is not None:
+            await gw.limits.hold(adm, worst_cost_usd(body, [live.registry.resolve(t)[0].config.price
+                                                            for t in targets]))
         response = None
         for attempt, target in enumerate(targets):
             worker = live.registry.pick(target)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,17 +22,31 @@ from routers.commands import model_cache_dir
 from routers.embedders import Embedder, make_embedder
 from routers.embedders import embedder_id as embedder_id_of  # `embedder_id` is a parameter name here
 from server.accounting import Recorder
-from server.config import ConfigError, TurnoutConfig, UpstreamConfig, load_config
+from server.config import ConfigError, StateConfig, TurnoutConfig, UpstreamConfig, load_config
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
+from server.keys import KeyBook
+from server.limits import Limits
 from server.load import LoadMonitor
 from server.metrics import Metrics
+from server.redis_store import RedisStore
 from server.routing import RoutingTable, artifact_context
 from server.sessions import AffinityStore
 from server.status import StatusBook
+from server.store import MemoryStore, Store
 from server.workers import HealthMonitor, WorkerRegistry
 
 log = logging.getLogger("turnout.state")
+
+
+def make_store(cfg: StateConfig, environ: Mapping[str, str] | None = None) -> Store:
+    """The configured state store: this process's memory, or Redis at the URL in `cfg.url_env`."""
+    if cfg.backend == "memory":
+        return MemoryStore()
+    url = (os.environ if environ is None else environ).get(cfg.url_env)
+    if not url:
+        raise ConfigError([f"state.url_env: the environment variable {cfg.url_env} (the Redis URL) is not set"])
+    return RedisStore(url, timeout_s=cfg.timeout_ms / 1000)
 
 
 def make_client(cfg: UpstreamConfig) -> httpx.AsyncClient:
@@ -58,6 +75,7 @@ class Live:
     registry: WorkerRegistry
     generation: int
     loaded_at: float
+    keys: KeyBook
 
 
 def needs_embedder(config: TurnoutConfig) -> bool:
@@ -99,7 +117,9 @@ class GatewayState:
         registry = WorkerRegistry(config)
         table = build_table(config, config_path, self.embedding.id if self.embedding else None,
                             str(config_path or "config"))
-        self.live = Live(config, table, registry, generation=1, loaded_at=time.time())
+        self.store = make_store(config.state)
+        self.limits = Limits(self.store, config.state, self.metrics)
+        self.live = Live(config, table, registry, generation=1, loaded_at=time.time(), keys=KeyBook(config.auth))
         self.metrics.watch(lambda: self.live)
         self.metrics.prime(config)
         srv = config.server
@@ -147,6 +167,8 @@ class GatewayState:
             if config.embedder != old.config.embedder and (self.embedding is not None or needs_embedder(config)):
                 problems.append("embedder: changing the embedder takes effect only on restart (artifacts must "
                                 "match it)")
+            if config.state != old.config.state:
+                problems.append("state: changing the state store takes effect only on restart")
             if problems:
                 raise ConfigError(problems, source)
             embedding = self.embedding or (self._make_embedding(config, None) if needs_embedder(config) else None)
@@ -162,7 +184,9 @@ class GatewayState:
             self.health.interval, self.health.failures_to_down = srv.health_interval_s, srv.health_failures_to_down
             self.load.interval = srv.load_interval_s
             self.feedback.ttl_s, self.feedback.max_requests = srv.feedback_ttl_s, srv.feedback_max_requests
-            self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time())
+            keys = KeyBook(config.auth)  # ConfigError when a key's environment variable is unset
+            self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time(),
+                             keys=keys)
             self.metrics.prime(config)
             if self._started and any(w.health.value == "unknown" for w in registry.workers.values()):
                 # New workers: learn their health now rather than at the next round.
@@ -172,6 +196,12 @@ class GatewayState:
             log.info("config reloaded (generation %d, %d policies)", self.live.generation, len(table.routers))
             return self.live
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, keeping a reference until it ends (settles after a response)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def aclose(self) -> None:
         """Stop background work and close the clients."""
         await self.health.stop()
@@ -179,3 +209,6 @@ class GatewayState:
         if self.embedding is not None:
             await self.embedding.stop()
         await self.client.aclose()
+        if self._tasks:  # settles of the last requests: let them reach the store before it closes
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.aclose()

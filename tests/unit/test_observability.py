@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 from routers.base import CandidateScore, RoutingDecision
 from server.accounting import Exchange, Recorder
 from server.config import parse_config
+from server.keys import KeyBook
 from server.metrics import Metrics
 from server.routing import RoutingTable
 from server.state import Live
@@ -29,7 +30,8 @@ CONFIG = {
 
 def live() -> Live:
     cfg = parse_config(CONFIG)
-    return Live(cfg, RoutingTable(cfg), WorkerRegistry(cfg), generation=3, loaded_at=time.time())
+    return Live(cfg, RoutingTable(cfg), WorkerRegistry(cfg), generation=3, loaded_at=time.time(),
+                keys=KeyBook(cfg.auth))
 
 
 def exchange(model: str, policy: str, pt: int, ct: int, status: str = "ok") -> Exchange:

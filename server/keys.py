@@ -1,0 +1,93 @@
+"""Client API keys: who may call, which policies and models, and with what limits.
+
+Keys are kept only as SHA-256 hashes: the YAML holds a hash or the name of an environment variable with the
+key, and the gateway hashes what a client presents. With `auth.enabled: false` (the default, for a private
+deployment) every request is anonymous and unlimited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from server.config import AuthConfig, ConfigError, KeyConfig
+from server.errors import GatewayError
+
+#: Keys made by `new_key` start with this, so a leaked one is easy to recognise in logs and scanners.
+KEY_PREFIX = "tk-"
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 (hex) a key is stored and looked up by."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random key (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A known key: its name (used in metrics, logs and limit keys; never the key) and its rules."""
+
+    name: str
+    sha256: str
+    config: KeyConfig
+
+    def allows_policy(self, policy: str) -> bool:
+        """Whether the key may use this routing policy."""
+        return not self.config.policies or policy in self.config.policies
+
+    def allows_model(self, target: str) -> bool:
+        """Whether the key may call this worker or model directly."""
+        return not self.config.models or target in self.config.models
+
+
+def unauthorized(message: str) -> GatewayError:
+    """401 in OpenAI's shape."""
+    return GatewayError(401, message, type="invalid_request_error", code="invalid_api_key",
+                        headers={"www-authenticate": "Bearer"})
+
+
+def forbidden(message: str, param: str) -> GatewayError:
+    """403: the key is valid but may not do this."""
+    return GatewayError(403, message, type="invalid_request_error", code="permission_denied", param=param)
+
+
+class KeyBook:
+    """The keys of a config, by hash."""
+
+    def __init__(self, auth: AuthConfig, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.enabled = auth.enabled
+        self.by_hash: dict[str, KeyRecord] = {}
+        problems: list[str] = []
+        for i, k in enumerate(auth.keys):
+            if k.key_sha256 is not None:
+                digest = k.key_sha256
+            elif k.key_env and env.get(k.key_env):
+                digest = hash_key(env[k.key_env])
+            else:
+                problems.append(f"auth.keys[{i}].key_env: the environment variable {k.key_env} is not set")
+                continue
+            self.by_hash[digest] = KeyRecord(k.name, digest, k)
+        if problems:
+            raise ConfigError(problems, "auth")
+
+    def authenticate(self, authorization: str | None) -> KeyRecord | None:
+        """The key presented as `Authorization: Bearer <key>`; None when auth is off. 401 when it is missing
+        or unknown (the message never repeats the key)."""
+        if not self.enabled:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+        # Looked up by the hash of what was presented: a lookup's timing tells nothing about a stored key.
+        record = self.by_hash.get(hash_key(token.strip()))
+        if record is None:
+            raise unauthorized("Incorrect API key provided.")
+        return record

@@ -1,0 +1,159 @@
+"""Per-key rate limits and budgets on the shared store, and what happens when the store is away.
+
+- Requests per minute and tokens per minute: fixed one-minute windows (aligned to the epoch, so every replica
+  agrees on them). Tokens are counted at their worst case when the request is admitted (prompt upper bound +
+  max_tokens, times n) and corrected to the actual usage when it ends.
+- Budgets: before a request is forwarded its worst-case cost (those tokens at the dearest price among the
+  models it may go to, fallbacks included) is held; when it ends the hold is released and the actual cost
+  spent. Holds and spend are checked and changed in one atomic step, so the sum of what was spent can never
+  pass the budget, however many replicas admit requests at once.
+- Store unreachable: `fail_open` serves on this replica's own memory store (limits then hold per replica
+  rather than in total) and counts it in `turnout_store_errors_total`; `fail_closed` answers 503.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+
+from server.config import StateConfig
+from server.errors import GatewayError
+from server.keys import KeyRecord
+from server.metrics import Metrics
+from server.store import MemoryStore, Store, StoreUnavailable
+
+log = logging.getLogger("turnout.limits")
+T = TypeVar("T")
+WINDOW_S = 60.0
+# A prompt's tokens are at most its bytes as JSON (each token of text covers at least one byte, and the JSON
+# punctuation around each message outweighs the chat template's few tokens per message).
+
+
+def prompt_tokens_bound(body: dict[str, Any]) -> int:
+    """An upper bound on the prompt's tokens: the bytes of its messages (or prompt) as JSON."""
+    return len(orjson.dumps(body.get("messages") if "messages" in body else body.get("prompt")))
+
+
+def period(kind: str, now: float) -> tuple[str, float]:
+    """The id of the budget period (UTC calendar hour, day or month) holding `now`, and seconds to its end."""
+    t = datetime.fromtimestamp(now, UTC)
+    if kind == "hour":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        return start.strftime("%Y%m%d%H"), 3600 - (now - start.timestamp())
+    if kind == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y%m%d"), 86400 - (now - start.timestamp())
+    days = calendar.monthrange(t.year, t.month)[1]
+    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start.strftime("%Y%m"), days * 86400 - (now - start.timestamp())
+
+
+def too_many(message: str, retry_after_s: float, code: str) -> GatewayError:
+    """429 with `Retry-After` (whole seconds, at least 1)."""
+    return GatewayError(429, message, type="rate_limit_exceeded", code=code,
+                        headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
+
+
+def state_unavailable() -> GatewayError:
+    """503: limits cannot be checked and the gateway is configured to refuse rather than guess."""
+    return GatewayError(503, "Shared state (limits and budgets) is unavailable; retry shortly.",
+                        type="server_error", code="state_unavailable", headers={"retry-after": "2"})
+
+
+@dataclass(slots=True)
+class Admission:
+    """What one request holds against its key's limits, to be settled when it ends."""
+
+    key: KeyRecord
+    tokens_held: int = 0
+    budget_key: str | None = None
+    usd_held: float = 0.0
+    budget_ttl_s: float = 0.0
+    local: bool = False  # held on the replica's own store while the shared one was away
+
+
+class Limits:
+    """Checks and charges per-key limits on `store`, falling back (or not) as `cfg.on_failure` says."""
+
+    def __init__(self, store: Store, cfg: StateConfig, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.cfg, self.metrics, self.clock = store, cfg, metrics, clock
+        self.local = MemoryStore(clock=clock)
+
+    async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:
+        """Run `fn` on the shared store; on failure, on the local one (fail_open) or 503 (fail_closed).
+        Returns the result and whether the local store served it."""
+        if not local:
+            try:
+                result = await fn(self.store)
+                self.metrics.store_up.set(1)
+                return result, False
+            except StoreUnavailable as exc:
+                self.metrics.store_up.set(0)
+                self.metrics.store_errors.labels(op).inc()
+                if self.cfg.on_failure == "fail_closed":
+                    log.warning("%s; refusing the request (state.on_failure: fail_closed)", exc)
+                    raise state_unavailable() from None
+                log.warning("%s; using this replica's own state (state.on_failure: fail_open)", exc)
+        return await fn(self.local), True
+
+    async def admit(self, key: KeyRecord, tokens: int) -> Admission:
+        """Count one request and its worst-case tokens against the key's per-minute limits (429 when over)."""
+        adm = Admission(key)
+        c = key.config
+        if c.requests_per_minute is not None:
+            rpm = c.requests_per_minute
+            wait, adm.local = await self._run("window_add", lambda s: s.window_add(
+                f"turnout:rpm:{key.name}", 1, rpm, WINDOW_S))
+            if wait is not None:
+                self.metrics.limited.labels(key.name, "requests_per_minute").inc()
+                raise too_many(f"Key '{key.name}' is over its limit of {rpm} requests per minute.", wait,
+                               "rate_limit_exceeded")
+        if c.tokens_per_minute is not None:
+            tpm = c.tokens_per_minute
+            wait, adm.local = await self._run("window_add", lambda s: s.window_add(
+                f"turnout:tpm:{key.name}", tokens, tpm, WINDOW_S), adm.local)
+            if wait is not None:
+                self.metrics.limited.labels(key.name, "tokens_per_minute").inc()
+                raise too_many(f"Key '{key.name}' is over its limit of {tpm} tokens per minute "
+                               f"(this request may use up to {tokens}).", wait, "rate_limit_exceeded")
+            adm.tokens_held = tokens
+        return adm
+
+    async def hold(self, adm: Admission, worst_usd: float) -> None:
+        """Hold the request's worst-case cost against the key's budget (429 when it does not fit)."""
+        c = adm.key.config
+        if c.budget_usd is None:
+            return
+        budget = c.budget_usd
+        pid, left = period(c.budget_period, self.clock())
+        key = f"turnout:budget:{adm.key.name}:{pid}"
+        ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
+        ok, adm.local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl), adm.local)
+        if not ok:
+            self.metrics.limited.labels(adm.key.name, "budget").inc()
+            raise too_many(f"Key '{adm.key.name}' has not enough budget left this {c.budget_period} for this "
+                           f"request (up to ${worst_usd:.6f}; budget ${budget:g}).", left, "budget_exceeded")
+        adm.budget_key, adm.usd_held, adm.budget_ttl_s = key, worst_usd, ttl
+
+    async def settle(self, adm: Admission, cost_usd: float | None, tokens: int | None) -> None:
+        """Release the holds and charge what the request actually used (nothing for a failed request that
+        reported no usage). Never raises: a failed settle is logged and counted."""
+        try:
+            if adm.budget_key is not None:
+                key, held, actual, ttl = adm.budget_key, adm.usd_held, cost_usd or 0.0, adm.budget_ttl_s
+                await self._run("settle", lambda s: s.settle(key, held, actual, ttl), adm.local)
+            if adm.tokens_held and tokens is not None and tokens != adm.tokens_held:
+                delta = tokens - adm.tokens_held
+                await self._run("window_adjust", lambda s: s.window_adjust(
+                    f"turnout:tpm:{adm.key.name}", delta, WINDOW_S), adm.local)
+        except GatewayError:
+            log.warning("could not settle key %s's request; its hold lapses with the period", adm.key.name)
