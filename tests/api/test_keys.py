@@ -1,0 +1,113 @@
+"""API keys and per-key limits in one gateway (memory store): 401, 403 and 429 in OpenAI's shape, with
+`Retry-After`; budgets held at the worst case and spent at the actual cost."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from server.keys import hash_key
+from tests.conftest import InProcess, Upstream, fake_config, gateway_in_process
+
+HI: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def keyed_config(fakes: dict[str, Upstream], **key: Any) -> dict[str, Any]:
+    cfg = fake_config(fakes)
+    cfg["auth"] = {"enabled": True, "keys": [
+        {"name": "team", "key_sha256": hash_key("tk-team"), **key},
+        {"name": "other", "key_env": "TURNOUT_TEST_OTHER_KEY"},
+    ]}
+    return cfg
+
+
+def client_for(gw: InProcess, key: str | None) -> openai.AsyncOpenAI:
+    return gw.client.with_options(api_key=key or "", max_retries=0)
+
+
+async def test_missing_bad_and_forbidden(fakes: dict[str, Upstream], fake_reset: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
+    async with gateway_in_process(keyed_config(fakes, policies=["cheap"], models=["small"])) as gw:
+        missing = await gw.http.post("/v1/chat/completions", json={"model": "auto", "messages": HI})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError) as bad:
+            await client_for(gw, "tk-wrong").chat.completions.create(model="turnout/cheap", messages=HI)
+        assert "tk-wrong" not in str(bad.value.body)
+        team = client_for(gw, "tk-team")
+        assert (await team.chat.completions.create(model="turnout/cheap", messages=HI)).choices
+        assert (await team.chat.completions.create(model="small", messages=HI)).choices
+        for model in ("turnout/split", "big"):
+            with pytest.raises(openai.PermissionDeniedError) as denied:
+                await team.chat.completions.create(model=model, messages=HI)
+            assert denied.value.code == "permission_denied"
+        # The key from the environment works too, and may do everything.
+        assert (await client_for(gw, "tk-other").chat.completions.create(model="big", messages=HI)).choices
+        route = await gw.http.post("/v1/route", json={"model": "turnout/split", "messages": HI},
+                                   headers={"authorization": "Bearer tk-team"})
+        assert route.status_code == 403
+
+
+async def test_a_key_from_an_unset_variable_is_a_config_problem(fakes: dict[str, Upstream]) -> None:
+    from server.config import ConfigError
+
+    with pytest.raises(ConfigError, match="TURNOUT_TEST_OTHER_KEY"):
+        async with gateway_in_process(keyed_config(fakes)):
+            pass
+
+
+async def test_requests_per_minute(fakes: dict[str, Upstream], fake_reset: None,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
+    async with gateway_in_process(keyed_config(fakes, requests_per_minute=3)) as gw:
+        team = client_for(gw, "tk-team")
+        codes: list[int] = []
+        for _ in range(5):
+            resp = await team.chat.completions.with_raw_response.create(model="turnout/cheap", messages=HI) \
+                if len(codes) < 3 else None
+            if resp is not None:
+                codes.append(resp.status_code)
+                continue
+            with pytest.raises(openai.RateLimitError) as err:
+                await team.chat.completions.create(model="turnout/cheap", messages=HI)
+            codes.append(429)
+            assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
+            assert err.value.code == "rate_limit_exceeded"
+        assert codes == [200, 200, 200, 429, 429]
+        # Another key has its own window.
+        assert (await client_for(gw, "tk-other").chat.completions.create(model="small", messages=HI)).choices
+        text = (await gw.http.get("/metrics")).text
+        assert 'turnout_limited_requests_total{key="team",limit="requests_per_minute"} 2.0' in text
+
+
+async def test_budget_is_held_at_worst_case_and_spent_at_actual(fakes: dict[str, Upstream], fake_reset: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
+    # small costs $0.1/$0.2 per 1M tokens. A request's worst case here: its messages' JSON bytes as prompt
+    # tokens plus max_tokens=10 answer tokens.
+    async with gateway_in_process(keyed_config(fakes, budget_usd=0.00002)) as gw:
+        team = client_for(gw, "tk-team")
+        spent = 0.0
+        ok = 0
+        while True:
+            try:
+                raw = await team.chat.completions.with_raw_response.create(model="small", messages=HI, max_tokens=10)
+            except openai.RateLimitError as err:
+                assert err.code == "budget_exceeded"
+                break
+            usage = raw.parse().usage
+            assert usage is not None
+            spent += (usage.prompt_tokens * 0.1 + usage.completion_tokens * 0.2) / 1e6
+            ok += 1
+            assert ok < 1000
+            # Settles run in the background once a response is out; the memory store never suspends, so give
+            # them a turn as real traffic (and a network store) would.
+            await asyncio.sleep(0.01)
+        state = await gw.app.state.gateway.limits.store.budget(next(
+            k for k in gw.app.state.gateway.limits.store._data if k.startswith("turnout:budget:team:")))
+        assert state.held == pytest.approx(0.0, abs=1e-12)
+        assert state.spent == pytest.approx(spent, rel=1e-9) and state.spent <= 0.00002
+        assert ok > 0
