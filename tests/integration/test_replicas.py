@@ -1,0 +1,126 @@
+"""Three gateway processes sharing one real `redis-server`: budgets and rate limits hold in total, exactly,
+under concurrent load spread over the replicas; and Redis going away and coming back is survived as configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from server.keys import hash_key
+from tests.conftest import Upstream, serve_gateway
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.timeout(300)
+REPLICAS = 3
+PRICE = {"input_per_1m": 100.0, "output_per_1m": 200.0}  # dear, so a few requests make a visible spend
+BODY = {"model": "small", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 4}
+RPM = 40
+
+
+def config(fakes: dict[str, Upstream], budget_usd: float, on_failure: str = "fail_open") -> dict[str, Any]:
+    return {
+        "workers": [{"name": "small", "model": "fake-small", "base_url": fakes["fake-small"].base_url,
+                     "price": PRICE}],
+        "auth": {"enabled": True, "keys": [
+            {"name": "budgeted", "key_sha256": hash_key("tk-budgeted"), "budget_usd": budget_usd},
+            {"name": "limited", "key_sha256": hash_key("tk-limited"), "requests_per_minute": RPM},
+            {"name": "free", "key_sha256": hash_key("tk-free")},
+        ]},
+        "state": {"backend": "redis", "timeout_ms": 300, "on_failure": on_failure},
+        "server": {"health_interval_s": 0.5},
+    }
+
+
+def one_request_cost(fakes: dict[str, Upstream]) -> float:
+    """What BODY costs at PRICE, from the fake worker's own usage (the same fake answers through the gateway)."""
+    usage = httpx.post(f"{fakes['fake-small'].base_url}/chat/completions",
+                       json={**BODY, "model": "fake-small"}, timeout=10).json()["usage"]
+    return float((usage["prompt_tokens"] * PRICE["input_per_1m"] +
+                  usage["completion_tokens"] * PRICE["output_per_1m"]) / 1e6)
+
+
+class Cluster:
+    """Three gateways on one Redis."""
+
+    def __init__(self, urls: list[str], redis_server: RedisServer) -> None:
+        self.urls, self.redis = urls, redis_server
+
+    def spend(self, key: str) -> tuple[float, float]:
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            (name,) = client.keys(f"turnout:budget:{key}:*")
+            raw = client.hgetall(name)
+            return float(raw.get(b"spent", 0)), float(raw.get(b"held", 0))
+        finally:
+            client.close()
+
+
+def start_cluster(stack: ExitStack, fakes: dict[str, Upstream], tmp: Path, redis_server: RedisServer,
+                  **cfg: Any) -> Cluster:
+    urls = []
+    for _ in range(REPLICAS):
+        proc, url = serve_gateway(config(fakes, **cfg), tmp)
+        proc.env = {**(proc.env or {}), "TURNOUT_REDIS_URL": redis_server.url}
+        stack.enter_context(proc)
+        urls.append(url)
+    return Cluster(urls, redis_server)
+
+
+@pytest.fixture(scope="module")
+def cluster(fakes: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("replicas")
+    budget = 100 * one_request_cost(fakes)
+    with ExitStack() as stack:
+        server = stack.enter_context(RedisServer(tmp / "redis.log"))
+        yield start_cluster(stack, fakes, tmp, server, budget_usd=budget)
+
+
+async def fire(urls: list[str], key: str, n: int) -> list[httpx.Response]:
+    """n concurrent chat requests, round-robin over the replicas."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        return list(await asyncio.gather(*(
+            http.post(f"{urls[i % len(urls)]}/v1/chat/completions", json=BODY,
+                      headers={"authorization": f"Bearer {key}"}) for i in range(n))))
+
+
+def test_a_budget_for_100_requests_is_never_overspent_by_300_over_three_replicas(
+        cluster: Cluster, fakes: dict[str, Upstream]) -> None:
+    cost = one_request_cost(fakes)
+    responses = asyncio.run(fire(cluster.urls, "tk-budgeted", 300))
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 429}, codes
+    assert 0 < codes[200] <= 100, codes
+    assert all(r.json()["error"]["code"] == "budget_exceeded" and int(r.headers["retry-after"]) >= 1
+               for r in responses if r.status_code == 429)
+    served = Counter(r.request.url.port for r in responses if r.status_code == 200)
+    assert len(served) > 1, "the successes came from more than one replica"
+    # Every answer settles in the background: wait for the holds to drain, then the spend is exact.
+    deadline = time.monotonic() + 10
+    while (state := cluster.spend("budgeted"))[1] > 1e-12:
+        assert time.monotonic() < deadline, f"holds never released: {state}"
+        time.sleep(0.1)
+    spent = state[0]
+    assert spent == pytest.approx(codes[200] * cost, rel=1e-9)
+    assert spent <= 100 * cost * (1 + 1e-12)
+
+
+def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluster) -> None:
+    # The window is the calendar minute: start early enough in one that the burst cannot straddle two.
+    left = 60 - time.time() % 60
+    if left < 15:
+        time.sleep(left + 0.5)
+    responses = asyncio.run(fire(cluster.urls, "tk-limited", 3 * RPM))
+    codes = Counter(r.status_code for r in responses)
+    assert codes == {200: RPM, 429: 2 * RPM}, codes
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in responses if r.status_code == 429)
