@@ -197,7 +197,9 @@ class StateConfig(_Model):
     backend: Literal["memory", "redis"] = "memory"
     # The Redis URL comes from the environment (it may hold a password), never from the YAML.
     url_env: str = Field(default="TURNOUT_REDIS_URL", pattern=_ENV)
-    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+    # Redis answers in well under a millisecond; the timeout only bites when it is hung or gone, and must also
+    # cover a gateway whose event loop is busy (a burst on 2 cores delayed connects past 300 ms).
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 1000.0
     # Redis unreachable: serve on this replica's own state and say so (fail_open), or refuse what needs it
     # with 503 (fail_closed).
     on_failure: Literal["fail_open", "fail_closed"] = "fail_open"

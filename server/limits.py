@@ -33,6 +33,7 @@ from server.store import MemoryStore, Store, StoreUnavailable
 log = logging.getLogger("turnout.limits")
 T = TypeVar("T")
 WINDOW_S = 60.0
+RETRY_S = 1.0
 # A prompt's tokens are at most its bytes as JSON (each token of text covers at least one byte, and the JSON
 # punctuation around each message outweighs the chat template's few tokens per message).
 
@@ -87,22 +88,29 @@ class Limits:
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.cfg, self.metrics, self.clock = store, cfg, metrics, clock
         self.local = MemoryStore(clock=clock)
+        # After a failure the store is not tried again for `RETRY_S`: during an outage requests do not each
+        # wait for a timeout, and once it is back one request finds out and the rest follow.
+        self._down_until = 0.0
 
     async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:
-        """Run `fn` on the shared store; on failure, on the local one (fail_open) or 503 (fail_closed).
+        """Run `fn` on the shared store; when it is away, on the local one (fail_open) or 503 (fail_closed).
         Returns the result and whether the local store served it."""
         if not local:
-            try:
-                result = await fn(self.store)
-                self.metrics.store_up.set(1)
-                return result, False
-            except StoreUnavailable as exc:
-                self.metrics.store_up.set(0)
-                self.metrics.store_errors.labels(op).inc()
-                if self.cfg.on_failure == "fail_closed":
-                    log.warning("%s; refusing the request (state.on_failure: fail_closed)", exc)
-                    raise state_unavailable() from None
-                log.warning("%s; using this replica's own state (state.on_failure: fail_open)", exc)
+            if time.monotonic() >= self._down_until:
+                try:
+                    result = await fn(self.store)
+                    if self._down_until:
+                        log.info("the state store answers again; limits are shared once more")
+                        self._down_until = 0.0
+                    self.metrics.store_up.set(1)
+                    return result, False
+                except StoreUnavailable as exc:
+                    self._down_until = time.monotonic() + RETRY_S
+                    self.metrics.store_up.set(0)
+                    log.warning("%s; state.on_failure is %s", exc, self.cfg.on_failure)
+            self.metrics.store_errors.labels(op).inc()
+            if self.cfg.on_failure == "fail_closed":
+                raise state_unavailable()
         return await fn(self.local), True
 
     async def admit(self, key: KeyRecord, tokens: int) -> Admission:

@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.store import Budget, StoreUnavailable, window_key
@@ -70,7 +73,11 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, health_check_interval=10)
-        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # After Redis restarts, every pooled connection is dead and its next command fails once: retry that
+        # once on a fresh connection rather than count it as an outage. Timeouts are not retried (a hung Redis
+        # would double every wait).
+        self.client: aioredis.Redis = aioredis.Redis(
+            connection_pool=pool, retry=Retry(NoBackoff(), retries=1), retry_on_error=[RedisConnectionError])
         self.clock = clock
         self._window_add = self.client.register_script(_WINDOW_ADD)
         self._reserve = self.client.register_script(_RESERVE)

@@ -36,7 +36,7 @@ def config(fakes: dict[str, Upstream], budget_usd: float, on_failure: str = "fai
             {"name": "limited", "key_sha256": hash_key("tk-limited"), "requests_per_minute": RPM},
             {"name": "free", "key_sha256": hash_key("tk-free")},
         ]},
-        "state": {"backend": "redis", "timeout_ms": 300, "on_failure": on_failure},
+        "state": {"backend": "redis", "on_failure": on_failure},
         "server": {"health_interval_s": 0.5},
     }
 
@@ -103,8 +103,7 @@ def test_a_budget_for_100_requests_is_never_overspent_by_300_over_three_replicas
     assert 0 < codes[200] <= 100, codes
     assert all(r.json()["error"]["code"] == "budget_exceeded" and int(r.headers["retry-after"]) >= 1
                for r in responses if r.status_code == 429)
-    served = Counter(r.request.url.port for r in responses if r.status_code == 200)
-    assert len(served) > 1, "the successes came from more than one replica"
+    assert len({r.request.url.port for r in responses}) == REPLICAS
     # Every answer settles in the background: wait for the holds to drain, then the spend is exact.
     deadline = time.monotonic() + 10
     while (state := cluster.spend("budgeted"))[1] > 1e-12:
@@ -124,3 +123,79 @@ def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluste
     codes = Counter(r.status_code for r in responses)
     assert codes == {200: RPM, 429: 2 * RPM}, codes
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in responses if r.status_code == 429)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def steady_load(urls: dict[str, str], key: str, seconds: float) -> list[tuple[str, int, str | None]]:
+    """Requests one after another to each gateway for `seconds`: (gateway, status, error code)."""
+    out: list[tuple[str, int, str | None]] = []
+    async with httpx.AsyncClient(timeout=10) as http:  # a hung request fails the test through this timeout
+        end = time.monotonic() + seconds
+
+        async def one(name: str, url: str) -> None:
+            while time.monotonic() < end:
+                r = await http.post(f"{url}/v1/chat/completions", json=BODY,
+                                    headers={"authorization": f"Bearer {key}"})
+                out.append((name, r.status_code, r.json().get("error", {}).get("code") if r.status_code != 200
+                            else None))
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(one(n, u) for n, u in urls.items()))
+    return out
+
+
+def test_redis_killed_and_restarted_during_load(fakes: dict[str, Upstream], tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        server = stack.enter_context(RedisServer(tmp_path / "redis.log"))
+        urls = {}
+        for mode in ("fail_open", "fail_closed"):
+            proc, url = serve_gateway(config(fakes, budget_usd=1000.0, on_failure=mode), tmp_path)
+            proc.env = {**(proc.env or {}), "TURNOUT_REDIS_URL": server.url}
+            stack.enter_context(proc)
+            urls[mode] = url
+        before = asyncio.run(steady_load(urls, "tk-budgeted", 1.0))
+        assert {status for _, status, _ in before} == {200}
+        server.stop(kill=True)
+        during = asyncio.run(steady_load(urls, "tk-budgeted", 2.0))
+        free = asyncio.run(steady_load(urls, "tk-free", 0.5))  # a key with no limits needs no store
+        assert all(metric(u, "turnout_store_up") == 0 for u in urls.values())
+        server.start()  # an empty Redis on the same port, as after a crash without persistence
+        time.sleep(0.5)
+        after = asyncio.run(steady_load(urls, "tk-budgeted", 1.0))
+
+    for name, status, code in during:
+        if name == "fail_open":
+            assert status == 200, (status, code)  # served on the replica's own state
+        else:
+            assert (status, code) == (503, "state_unavailable")
+    assert {status for _, status, _ in free} == {200}
+    assert {status for _, status, _ in after} == {200}, "both gateways use Redis again by themselves"
+    assert all(status != 500 for _, status, _ in before + during + free + after)
+    assert len(during) > 10
+
+
+def test_limits_hold_again_after_redis_returns(fakes: dict[str, Upstream], tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        server = stack.enter_context(RedisServer(tmp_path / "redis.log"))
+        cluster = start_cluster(stack, fakes, tmp_path, server, budget_usd=1000.0)
+        server.stop(kill=True)
+        down = asyncio.run(fire(cluster.urls, "tk-free", 6))
+        assert {r.status_code for r in down} == {200}
+        server.start()
+        # Recovery: each replica finds Redis back at its next request after its retry interval.
+        time.sleep(1.2)
+        asyncio.run(fire(cluster.urls, "tk-budgeted", 2 * REPLICAS))
+        left = 60 - time.time() % 60
+        if left < 15:
+            time.sleep(left + 0.5)
+        responses = asyncio.run(fire(cluster.urls, "tk-limited", 3 * RPM))
+        codes = Counter(r.status_code for r in responses)
+        # The window restarted with the empty Redis; replicas that had fallen back to their own state for the
+        # `limited` key count on Redis again, so the total is exact once more.
+        assert codes == {200: RPM, 429: 2 * RPM}, codes
