@@ -49,6 +49,7 @@ class LinUCB:
         self.b = np.zeros((n_arms, dim))
         self.n = np.zeros(n_arms)
         self._delta_a, self._delta_b, self._delta_n = np.zeros_like(self.a), np.zeros_like(self.b), np.zeros(n_arms)
+        self._base = (self.a.copy(), self.b.copy(), self.n.copy())
         self._refresh()
 
     def _refresh(self) -> None:
@@ -84,6 +85,16 @@ class LinUCB:
         """Replace the state with merged sums (plus this replica's unflushed delta)."""
         self.a, self.b, self.n = a + self._delta_a, b + self._delta_b, n + self._delta_n
         self._refresh()
+
+    def set_base(self, a: F64, b: F64, n: F64) -> None:
+        """The state learned offline (the artifact's warm start), to which shared online updates are added."""
+        self._base = (a.copy(), b.copy(), n.copy())
+        self.load(a, b, n)
+
+    def merge(self, a: F64, b: F64, n: F64) -> None:
+        """State = the base + the sums every replica has flushed (`a`, `b`, `n`) + this replica's unflushed
+        delta."""
+        self.load(self._base[0] + a, self._base[1] + b, self._base[2] + n)
 
 
 class BanditRouter:
@@ -147,6 +158,15 @@ class BanditRouter:
                   f"bound {ucb[chosen]:.3f}, {int(self.bandit.n[chosen])} observations)")
         return RoutingDecision(chosen=self.models[chosen], ranking=ranking, reason=reason, policy=self.name,
                                version=self.version)
+
+    def context(self, request_id: str) -> tuple[F64, int] | None:
+        """The features and arm of a request this instance routed (what feedback for it must learn from)."""
+        return self._pending.get(request_id)
+
+    def learn(self, z: F64, arm: int, quality: float, cost_usd: float | None = None) -> None:
+        """Learn one scored outcome from its features and arm (feedback that reached another replica than
+        the one that routed the request carries these through the shared store)."""
+        self.bandit.update(arm, z, self.reward(arm, quality, cost_usd))
 
     def observe(self, outcome: RoutingOutcome) -> None:
         """Learn from a routed request's quality; outcomes without one (or unknown ids) teach nothing."""

@@ -40,7 +40,7 @@ def router_from_artifact(name: str, art: Artifact, *, names: Sequence[str] | Non
         trained = meta["bandit"]
         bandit = LinUCB(len(labels), a["bandit_a"].shape[1],
                         alpha=float(trained["alpha"]) if alpha is None else alpha)
-        bandit.load(a["bandit_a"], a["bandit_b"], a["bandit_n"])
+        bandit.set_base(a["bandit_a"], a["bandit_b"], a["bandit_n"])
         return BanditRouter(name, labels, proj, bandit, cost_ref=cost_ref, mean_costs=a["mean_costs"],
                             lam=float(trained["lambda"]) if lam is None else lam, embedder=embedder,
                             version=art.version, queue_penalty=queue_penalty)

@@ -93,7 +93,7 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
             first = exc.errors(include_url=False)[0]
             param = field_path(tuple(first["loc"])) or None
             raise bad_request(f"Invalid value for '{param or 'body'}': {first['msg']}", param) from None
-        result, policy = gw.feedback.give(fb.request_id, fb.score)
+        result, policy = await gw.feedback.give(fb.request_id, fb.score, dict(gw.live.table.routers))
     except GatewayError as err:
         return error_response(err)
     if result == "unknown":

@@ -1,59 +1,79 @@
-"""Routed requests awaiting feedback: `POST /v1/feedback {request_id, score}` finds the policy that routed
-the request (the instance that decided, even if a reload has replaced it since) and feeds it the score."""
+"""Routed requests awaiting feedback, in the shared store: `POST /v1/feedback {request_id, score}` may reach
+any replica, which finds the request's record (policy, chosen model, and for a bandit the features it was
+routed on) and feeds the score to its own instance of the policy. A second score for one request is refused
+on every replica (a claim in the store).
+"""
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import numpy as np
+import orjson
+
+from routers.bandit import BanditRouter
 from routers.base import Router, RoutingOutcome
+from server.shared import StoreGuard
+
+PREFIX = "turnout:feedback:"
 
 
 @dataclass(slots=True)
-class _Routed:
-    router: Router
+class FeedbackRecord:
+    """What feedback for one routed request needs."""
+
+    policy: str
+    version: str
     chosen: str
-    at: float
+    features: list[float] | None = None  # a bandit's feature vector for this request
+    arm: int | None = None
     cost_usd: float | None = None
-    scored: bool = False
 
 
 class FeedbackBook:
-    """The last `max_requests` routed requests, each open for feedback for `ttl_s`."""
+    """Records routed requests for `ttl_s` and hands scores to the policy that routed them."""
 
-    def __init__(self, ttl_s: float, max_requests: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s, self.max_requests, self._clock = ttl_s, max_requests, clock
-        self._entries: OrderedDict[str, _Routed] = OrderedDict()
+    def __init__(self, guard: StoreGuard, ttl_s: float) -> None:
+        self.guard, self.ttl_s = guard, ttl_s
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    async def record(self, request_id: str, router: Router, policy: str, version: str, chosen: str) -> None:
+        """Remember a routed request (with the bandit's features when the policy learns from feedback)."""
+        rec = FeedbackRecord(policy, version, chosen)
+        if isinstance(router, BanditRouter) and (ctx := router.context(request_id)) is not None:
+            rec.features, rec.arm = [float(v) for v in ctx[0]], ctx[1]
+        await self._put(request_id, rec)
 
-    def record(self, request_id: str, router: Router, chosen: str) -> None:
-        """Remember a routed request."""
-        self._entries[request_id] = _Routed(router, chosen, self._clock())
-        self._entries.move_to_end(request_id)
-        while len(self._entries) > self.max_requests:
-            self._entries.popitem(last=False)
-
-    def set_cost(self, request_id: str, cost_usd: float | None) -> None:
+    async def set_cost(self, request_id: str, cost_usd: float | None) -> None:
         """Note what the request cost (the bandit's reward uses it)."""
-        entry = self._entries.get(request_id)
-        if entry is not None:
-            entry.cost_usd = cost_usd
+        rec = await self._get(request_id)
+        if rec is not None and cost_usd is not None:
+            rec.cost_usd = cost_usd
+            await self._put(request_id, rec)
 
-    def give(self, request_id: str, score: float) -> tuple[str, str | None]:
-        """Feed `score` to the policy that routed `request_id`. Returns ("accepted", policy),
-        ("duplicate", policy) for a second score of one request (ignored), or ("unknown", None) for an id
-        never routed here or routed more than `ttl_s` ago."""
-        entry = self._entries.get(request_id)
-        if entry is None or self._clock() - entry.at > self.ttl_s:
-            self._entries.pop(request_id, None)
+    async def give(self, request_id: str, score: float, routers: dict[str, Router]) -> tuple[str, str | None]:
+        """Feed `score` to the policy that routed `request_id` (this replica's instance in `routers`).
+        Returns ("accepted", policy), ("duplicate", policy) for a second score (ignored), or ("unknown", None)
+        for an id never routed or routed more than `ttl_s` ago."""
+        rec = await self._get(request_id)
+        if rec is None:
             return "unknown", None
-        if entry.scored:
-            return "duplicate", entry.router.name
-        entry.scored = True
-        entry.router.observe(RoutingOutcome(request_id=request_id, chosen=entry.chosen, ok=True,
-                                            cost_usd=entry.cost_usd, quality=score))
-        return "accepted", entry.router.name
+        claimed, _ = await self.guard.run("claim", lambda s: s.claim(f"{PREFIX}{request_id}:scored", self.ttl_s))
+        if not claimed:
+            return "duplicate", rec.policy
+        router = routers.get(rec.policy)
+        # A reload may have replaced the policy's artifact since: then the features mean nothing to it.
+        if router is not None and getattr(router, "version", None) == rec.version:
+            if isinstance(router, BanditRouter) and rec.features is not None and rec.arm is not None:
+                router.learn(np.asarray(rec.features), rec.arm, score, rec.cost_usd)
+            else:
+                router.observe(RoutingOutcome(request_id=request_id, chosen=rec.chosen, ok=True,
+                                              cost_usd=rec.cost_usd, quality=score))
+        return "accepted", rec.policy
+
+    async def _put(self, request_id: str, rec: FeedbackRecord) -> None:
+        blob = orjson.dumps(asdict(rec))
+        await self.guard.run("put", lambda s: s.put(PREFIX + request_id, blob, self.ttl_s))
+
+    async def _get(self, request_id: str) -> FeedbackRecord | None:
+        raw, _ = await self.guard.run("get", lambda s: s.get(PREFIX + request_id))
+        return FeedbackRecord(**orjson.loads(raw)) if raw is not None else None

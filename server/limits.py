@@ -7,8 +7,8 @@
   models it may go to, fallbacks included) is held; when it ends the hold is released and the actual cost
   spent. Holds and spend are checked and changed in one atomic step, so the sum of what was spent can never
   pass the budget, however many replicas admit requests at once.
-- Store unreachable: `fail_open` serves on this replica's own memory store (limits then hold per replica
-  rather than in total) and counts it in `turnout_store_errors_total`; `fail_closed` answers 503.
+- Store unreachable (see `server.shared`): `fail_open` serves on this replica's own memory store (limits then
+  hold per replica rather than in total); `fail_closed` answers 503.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from server.config import StateConfig
 from server.errors import GatewayError
 from server.keys import KeyRecord
-from server.metrics import Metrics
-from server.store import MemoryStore, Store, StoreUnavailable
+from server.shared import StoreGuard
+from server.store import Store
 
 log = logging.getLogger("turnout.limits")
 T = TypeVar("T")
 WINDOW_S = 60.0
-RETRY_S = 1.0
 # A prompt's tokens are at most its bytes as JSON (each token of text covers at least one byte, and the JSON
 # punctuation around each message outweighs the chat template's few tokens per message).
 
@@ -63,12 +61,6 @@ def too_many(message: str, retry_after_s: float, code: str) -> GatewayError:
                         headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
 
 
-def state_unavailable() -> GatewayError:
-    """503: limits cannot be checked and the gateway is configured to refuse rather than guess."""
-    return GatewayError(503, "Shared state (limits and budgets) is unavailable; retry shortly.",
-                        type="server_error", code="state_unavailable", headers={"retry-after": "2"})
-
-
 @dataclass(slots=True)
 class Admission:
     """What one request holds against its key's limits, to be settled when it ends."""
@@ -82,36 +74,13 @@ class Admission:
 
 
 class Limits:
-    """Checks and charges per-key limits on `store`, falling back (or not) as `cfg.on_failure` says."""
+    """Checks and charges per-key limits on the shared store (through `guard`: fail open or closed)."""
 
-    def __init__(self, store: Store, cfg: StateConfig, metrics: Metrics,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.store, self.cfg, self.metrics, self.clock = store, cfg, metrics, clock
-        self.local = MemoryStore(clock=clock)
-        # After a failure the store is not tried again for `RETRY_S`: during an outage requests do not each
-        # wait for a timeout, and once it is back one request finds out and the rest follow.
-        self._down_until = 0.0
+    def __init__(self, guard: StoreGuard) -> None:
+        self.guard, self.metrics = guard, guard.metrics
 
     async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:
-        """Run `fn` on the shared store; when it is away, on the local one (fail_open) or 503 (fail_closed).
-        Returns the result and whether the local store served it."""
-        if not local:
-            if time.monotonic() >= self._down_until:
-                try:
-                    result = await fn(self.store)
-                    if self._down_until:
-                        log.info("the state store answers again; limits are shared once more")
-                        self._down_until = 0.0
-                    self.metrics.store_up.set(1)
-                    return result, False
-                except StoreUnavailable as exc:
-                    self._down_until = time.monotonic() + RETRY_S
-                    self.metrics.store_up.set(0)
-                    log.warning("%s; state.on_failure is %s", exc, self.cfg.on_failure)
-            self.metrics.store_errors.labels(op).inc()
-            if self.cfg.on_failure == "fail_closed":
-                raise state_unavailable()
-        return await fn(self.local), True
+        return await self.guard.run(op, fn, critical=True, local=local)
 
     async def admit(self, key: KeyRecord, tokens: int) -> Admission:
         """Count one request and its worst-case tokens against the key's per-minute limits (429 when over)."""
@@ -142,7 +111,7 @@ class Limits:
         if c.budget_usd is None:
             return
         budget = c.budget_usd
-        pid, left = period(c.budget_period, self.clock())
+        pid, left = period(c.budget_period, time.time())
         key = f"turnout:budget:{adm.key.name}:{pid}"
         ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
         ok, adm.local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl), adm.local)

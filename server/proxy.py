@@ -156,7 +156,7 @@ def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> R
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
 
-def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
+async def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     """Note the decision on the exchange, and arrange for the policy to hear the outcome."""
     ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
     ex.routing_s, ex.embed_cached, ex.affinity = (sel.routing_s if sel.policy else None), sel.embed_cached, sel.affinity
@@ -165,10 +165,10 @@ def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     router, decision = sel.router, sel.decision
     if router is None or decision is None:
         return
-    gw.feedback.record(ex.request_id, router, decision.chosen)
+    await gw.feedback.record(ex.request_id, router, decision.policy, decision.version, decision.chosen)
 
     def tell_policy(done: Exchange) -> None:
-        gw.feedback.set_cost(done.request_id, done.cost_usd)
+        gw.spawn(gw.feedback.set_cost(done.request_id, done.cost_usd))
         # The chosen model failed when the request had to fall back, whatever the fallback did.
         ok = done.status == "ok" and not done.fallback_from
         router.observe(RoutingOutcome(request_id=done.request_id, chosen=decision.chosen, ok=ok,
@@ -197,7 +197,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         key = live.keys.authenticate(request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
-        apply_selection(gw, selection, ex)
+        await apply_selection(gw, selection, ex)
         wants_usage = False
         if ex.stream:
             client_opts = body.get("stream_options") or {}

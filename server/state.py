@@ -32,6 +32,7 @@ from server.metrics import Metrics
 from server.redis_store import RedisStore
 from server.routing import RoutingTable, artifact_context
 from server.sessions import AffinityStore
+from server.shared import StoreGuard
 from server.status import StatusBook
 from server.store import MemoryStore, Store
 from server.workers import HealthMonitor, WorkerRegistry
@@ -39,10 +40,11 @@ from server.workers import HealthMonitor, WorkerRegistry
 log = logging.getLogger("turnout.state")
 
 
-def make_store(cfg: StateConfig, environ: Mapping[str, str] | None = None) -> Store:
-    """The configured state store: this process's memory, or Redis at the URL in `cfg.url_env`."""
+def make_store(cfg: StateConfig, environ: Mapping[str, str] | None = None, max_entries: int = 1_000_000) -> Store:
+    """The configured state store: this process's memory (its feedback and affinity entries bounded by
+    `max_entries`), or Redis at the URL in `cfg.url_env`."""
     if cfg.backend == "memory":
-        return MemoryStore()
+        return MemoryStore(max_entries=max_entries)
     url = (os.environ if environ is None else environ).get(cfg.url_env)
     if not url:
         raise ConfigError([f"state.url_env: the environment variable {cfg.url_env} (the Redis URL) is not set"])
@@ -117,15 +119,18 @@ class GatewayState:
         registry = WorkerRegistry(config)
         table = build_table(config, config_path, self.embedding.id if self.embedding else None,
                             str(config_path or "config"))
-        self.store = make_store(config.state)
-        self.limits = Limits(self.store, config.state, self.metrics)
+        # Feedback records and affinity are bounded in a memory store (Redis bounds them by their TTLs).
+        bound = 2 * config.server.feedback_max_requests
+        self.store = make_store(config.state, max_entries=bound)
+        self.guard = StoreGuard(self.store, config.state.on_failure, self.metrics, max_entries=bound)
+        self.limits = Limits(self.guard)
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time(), keys=KeyBook(config.auth))
         self.metrics.watch(lambda: self.live)
         self.metrics.prime(config)
         srv = config.server
         self.health = HealthMonitor(registry, srv.health_interval_s, srv.health_timeout_s, srv.health_failures_to_down)
         self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)
-        self.feedback = FeedbackBook(srv.feedback_ttl_s, srv.feedback_max_requests)
+        self.feedback = FeedbackBook(self.guard, srv.feedback_ttl_s)
         self.affinity = AffinityStore()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,7 +188,7 @@ class GatewayState:
             self.health.registry, self.load.registry = registry, registry
             self.health.interval, self.health.failures_to_down = srv.health_interval_s, srv.health_failures_to_down
             self.load.interval = srv.load_interval_s
-            self.feedback.ttl_s, self.feedback.max_requests = srv.feedback_ttl_s, srv.feedback_max_requests
+            self.feedback.ttl_s = srv.feedback_ttl_s
             keys = KeyBook(config.auth)  # ConfigError when a key's environment variable is unset
             self.live = Live(config, table, registry, generation=old.generation + 1, loaded_at=time.time(),
                              keys=keys)

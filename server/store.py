@@ -110,7 +110,11 @@ class MemoryStore:
 
     clock: Callable[[], float] = time.time
     name: str = "memory"
+    # Values (`put`, `claim`) beyond this many are dropped oldest first: feedback records and affinity must not
+    # grow without bound in one process. Windows and budgets are never dropped (that would reset a limit).
+    max_entries: int = 1_000_000
     _data: dict[str, _Entry] = field(default_factory=dict)
+    _values: dict[str, None] = field(default_factory=dict)  # keys of put/claim values, oldest first
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._data.get(key)
@@ -125,6 +129,7 @@ class MemoryStore:
             now = self.clock()
             for k in [k for k, e in self._data.items() if e.expires <= now]:
                 del self._data[k]
+                self._values.pop(k, None)
 
     async def window_add(self, key: str, amount: float, limit: float, window_s: float) -> float | None:
         """See `Store.window_add`."""
@@ -165,7 +170,16 @@ class MemoryStore:
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         """See `Store.put`."""
         self._data[key] = _Entry(value, self.clock() + ttl_s)
+        self._remember(key)
         self._sweep()
+
+    def _remember(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._values[key] = None
+        while len(self._values) > self.max_entries:
+            oldest = next(iter(self._values))
+            del self._values[oldest]
+            self._data.pop(oldest, None)
 
     async def get(self, key: str) -> bytes | None:
         """See `Store.get`."""
@@ -177,6 +191,7 @@ class MemoryStore:
         if self._live(key) is not None:
             return False
         self._data[key] = _Entry(b"1", self.clock() + ttl_s)
+        self._remember(key)
         return True
 
     async def hset_blob(self, key: str, field: str, value: bytes, ttl_s: float) -> None:

@@ -106,8 +106,8 @@ async def test_budget_is_held_at_worst_case_and_spent_at_actual(fakes: dict[str,
             # Settles run in the background once a response is out; the memory store never suspends, so give
             # them a turn as real traffic (and a network store) would.
             await asyncio.sleep(0.01)
-        state = await gw.app.state.gateway.limits.store.budget(next(
-            k for k in gw.app.state.gateway.limits.store._data if k.startswith("turnout:budget:team:")))
+        state = await gw.app.state.gateway.store.budget(next(
+            k for k in gw.app.state.gateway.store._data if k.startswith("turnout:budget:team:")))
         assert state.held == pytest.approx(0.0, abs=1e-12)
         assert state.spent == pytest.approx(spent, rel=1e-9) and state.spent <= 0.00002
         assert ok > 0

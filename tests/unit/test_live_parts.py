@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +15,10 @@ from routers.base import RoutingDecision, RoutingOutcome, RoutingRequest
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
 from server.load import parse_vllm_load
+from server.metrics import Metrics
 from server.sessions import AffinityStore
+from server.shared import StoreGuard
+from server.store import MemoryStore
 from tests.routing_fixtures import TopicEmbedder
 
 
@@ -103,6 +107,7 @@ def test_affinity_store_expires_and_evicts() -> None:
 class Recording:
     name = "rec"
     needs_embedding = False
+    version = "static"
 
     def __init__(self) -> None:
         self.seen: list[RoutingOutcome] = []
@@ -117,18 +122,25 @@ class Recording:
         return ["a"]
 
 
-def test_feedback_book() -> None:
+async def test_feedback_book() -> None:
     now = [0.0]
-    book = FeedbackBook(ttl_s=60, max_requests=2, clock=lambda: now[0])
+    store = MemoryStore(clock=lambda: now[0], max_entries=4)
+    book = FeedbackBook(StoreGuard(store, "fail_open", Metrics()), ttl_s=60)
     rec = Recording()
-    book.record("r1", rec, "a")
-    book.set_cost("r1", 0.01)
-    assert book.give("r1", 0.7) == ("accepted", "rec")
+    rec.version = "v1"
+    routers: dict[str, Any] = {"rec": rec}
+    await book.record("r1", rec, "rec", "v1", "a")
+    await book.set_cost("r1", 0.01)
+    assert await book.give("r1", 0.7, routers) == ("accepted", "rec")
     assert rec.seen[0].quality == 0.7 and rec.seen[0].cost_usd == 0.01
-    assert book.give("r1", 0.1) == ("duplicate", "rec") and len(rec.seen) == 1
-    assert book.give("nope", 0.5) == ("unknown", None)
-    book.record("r2", rec, "a")
-    book.record("r3", rec, "a")  # r1 is pushed out
-    assert book.give("r1", 0.5) == ("unknown", None) and len(book) == 2
+    assert await book.give("r1", 0.1, routers) == ("duplicate", "rec") and len(rec.seen) == 1
+    assert await book.give("nope", 0.5, routers) == ("unknown", None)
+    await book.record("r2", rec, "rec", "v1", "a")
+    await book.record("r3", rec, "rec", "v1", "a")
+    await book.record("r4", rec, "rec", "v1", "a")  # r1 and its claim are pushed out of the 4 kept
+    assert await book.give("r1", 0.5, routers) == ("unknown", None)
+    # Feedback for an artifact version no longer served is accepted but teaches nothing.
+    await book.record("old", rec, "rec", "v0", "a")
+    assert await book.give("old", 0.5, routers) == ("accepted", "rec") and len(rec.seen) == 1
     now[0] = 61.0
-    assert book.give("r2", 0.5) == ("unknown", None)
+    assert await book.give("r3", 0.5, routers) == ("unknown", None)
