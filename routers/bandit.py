@@ -91,6 +91,10 @@ class LinUCB:
         self._base = (a.copy(), b.copy(), n.copy())
         self.load(a, b, n)
 
+    def online_observations(self) -> float:
+        """Observations learned since the warm start (this replica's and, once merged, every replica's)."""
+        return float(self.n.sum() - self._base[2].sum())
+
     def merge(self, a: F64, b: F64, n: F64) -> None:
         """State = the base + the sums every replica has flushed (`a`, `b`, `n`) + this replica's unflushed
         delta."""

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from routers.bandit import BanditRouter
 from server.workers import Health
 
 if TYPE_CHECKING:  # only for annotations: the state module builds this one
@@ -176,4 +177,10 @@ class LiveCollector(Collector):
             value = getattr(spec, "budget_usd_per_hour", None)
             if value is not None:
                 budget.add_metric([name], float(value))
-        yield from (up, running, waiting, kv, in_flight, budget)
+        learned = GaugeMetricFamily("turnout_policy_online_observations",
+                                    "Feedback a learning policy has learned from online, merged over replicas.",
+                                    labels=["policy"])
+        for name, router in live.table.routers.items():
+            if isinstance(router, BanditRouter):
+                learned.add_metric([name], router.bandit.online_observations())
+        yield from (up, running, waiting, kv, in_flight, budget, learned)

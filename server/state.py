@@ -22,6 +22,7 @@ from routers.commands import model_cache_dir
 from routers.embedders import Embedder, make_embedder
 from routers.embedders import embedder_id as embedder_id_of  # `embedder_id` is a parameter name here
 from server.accounting import Recorder
+from server.bandit_sync import BanditSync
 from server.config import ConfigError, StateConfig, TurnoutConfig, UpstreamConfig, load_config
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
@@ -131,6 +132,7 @@ class GatewayState:
         self.health = HealthMonitor(registry, srv.health_interval_s, srv.health_timeout_s, srv.health_failures_to_down)
         self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)
         self.feedback = FeedbackBook(self.guard, srv.feedback_ttl_s)
+        self.bandit_sync = BanditSync(self.guard, config.state.sync_interval_s, lambda: self.live)
         self.affinity = AffinityStore()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ class GatewayState:
         """Start the embedding batcher and (unless disabled) health and load polling."""
         if self.embedding is not None:
             self.embedding.start()
+        self.bandit_sync.start()
         if background_checks:
             self.health.start()
             self.load.start()
@@ -214,6 +217,7 @@ class GatewayState:
         if self.embedding is not None:
             await self.embedding.stop()
         await self.client.aclose()
+        await self.bandit_sync.stop()
         if self._tasks:  # settles of the last requests: let them reach the store before it closes
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.aclose()

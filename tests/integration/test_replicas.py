@@ -126,8 +126,9 @@ def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluste
 
 
 def metric(url: str, name: str) -> float:
+    """A sample's value from the gateway's /metrics: `name` may include its labels (as exposed, sorted)."""
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -199,3 +200,68 @@ def test_limits_hold_again_after_redis_returns(fakes: dict[str, Upstream], tmp_p
         # The window restarted with the empty Redis; replicas that had fallen back to their own state for the
         # `limited` key count on Redis again, so the total is exact once more.
         assert codes == {200: RPM, 429: 2 * RPM}, codes
+
+
+def test_bandit_feedback_through_all_replicas_all_lands(fakes: dict[str, Upstream], tmp_path: Path) -> None:
+    import io as _io
+
+    import numpy as np
+    from rich.console import Console
+
+    from routers.commands import run_train
+    from tests.integration.test_live_vs_offline import CHEAP, STRONG, two_model_table
+
+    info = run_train(two_model_table(tmp_path), "bandit", tmp_path / "bandit", "static",
+                     Console(file=_io.StringIO()))
+    cfg: dict[str, Any] = {
+        "workers": [
+            {"name": "small", "model": "fake-small", "base_url": fakes["fake-small"].base_url},
+            {"name": "big", "model": "fake-big", "base_url": fakes["fake-big"].base_url},
+        ],
+        "policies": {"learn": {"type": "bandit", "artifact": info["artifact"],
+                               "models": {CHEAP: "small", STRONG: "big"}}},
+        "default_policy": "learn",
+        "embedder": {"backend": "static"},
+        "state": {"backend": "redis", "sync_interval_s": 0.5},
+        "server": {"health_interval_s": 0.5},
+    }
+    prompts = ["What is 2+2?", "Write a poem about rain.", "Explain quicksort.", "hi", "Translate cat to French.",
+               "Prove that sqrt(2) is irrational.", "Name three rivers.", "What is TCP?"]
+    n_feedback = 30
+    with ExitStack() as stack:
+        server = stack.enter_context(RedisServer(tmp_path / "redis.log"))
+        urls = []
+        for _ in range(REPLICAS):
+            proc, url = serve_gateway(cfg, tmp_path)
+            proc.env = {**(proc.env or {}), "TURNOUT_REDIS_URL": server.url}
+            stack.enter_context(proc)
+            urls.append(url)
+        with httpx.Client(timeout=30) as http:
+            for i in range(n_feedback):
+                r = http.post(f"{urls[i % REPLICAS]}/v1/chat/completions", json={
+                    "model": "auto", "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                    "max_tokens": 2})
+                assert r.status_code == 200, r.text
+                # The score goes to another replica than the one that routed the request, as a load balancer may.
+                fb = http.post(f"{urls[(i + 1) % REPLICAS]}/v1/feedback",
+                               json={"request_id": r.headers["x-turnout-request-id"], "score": (i % 5) / 4})
+                assert fb.json()["status"] == "accepted", fb.text
+                again = http.post(f"{urls[(i + 2) % REPLICAS]}/v1/feedback",
+                                  json={"request_id": r.headers["x-turnout-request-id"], "score": 1.0})
+                assert again.json()["status"] == "ignored", "a repeat on a third replica is refused too"
+
+            def learned(url: str) -> float:
+                return metric(url, 'turnout_policy_online_observations{policy="learn"}')
+
+            deadline = time.monotonic() + 15
+            while [learned(u) for u in urls] != [n_feedback] * REPLICAS:
+                assert time.monotonic() < deadline, [learned(u) for u in urls]
+                time.sleep(0.2)
+        client = redis.Redis.from_url(server.url)
+        (key,) = client.keys("turnout:bandit:learn:*")
+        fields: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+        client.close()
+        total = 0.0
+        for blob in fields.values():
+            total += float(np.load(_io.BytesIO(blob), allow_pickle=False)["n"].sum())
+        assert total == n_feedback and len(fields) == REPLICAS
