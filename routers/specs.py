@@ -28,7 +28,6 @@ class AffinitySpec(_Model):
 
     enabled: bool = True
     ttl_s: _Positive = 1800.0
-    max_sessions: Annotated[int, Field(ge=1)] = 100_000
 
 
 class _Spec(_Model):

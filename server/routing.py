@@ -175,7 +175,7 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
     candidates = _candidates(router, policy, inp.options, registry)
     aff = spec.affinity if spec.affinity is not None and spec.affinity.enabled else None
     if aff is not None and inp.session:
-        kept = affinity.get(policy, inp.session, aff.ttl_s)
+        kept = await affinity.get(policy, inp.session, aff.ttl_s)
         if kept is not None and kept in candidates:
             decision = RoutingDecision(
                 chosen=kept, ranking=(CandidateScore(name=kept, score=1.0),),
@@ -203,7 +203,7 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
         shadow = _shadow_decision(shadow_router, req, registry)
     score_s = time.perf_counter() - t_score
     if aff is not None and inp.session and not dry_run:
-        affinity.put(policy, inp.session, decision.chosen, aff.max_sessions)
+        await affinity.put(policy, inp.session, decision.chosen, aff.ttl_s)
     return Selection(target=decision.chosen, policy=policy, decision=decision, router=router, shadow=shadow,
                      routing_s=time.perf_counter() - started, embed_s=embed_s, embed_cached=cached, score_s=score_s)
 

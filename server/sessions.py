@@ -1,45 +1,39 @@
-"""Session affinity: which model a conversation's first routed turn went to, kept for a while.
+"""Session affinity: which model a conversation's first routed turn went to, kept for a while in the shared
+store, so a conversation stays on its model whichever replica serves its next turn.
 
-In memory, per gateway process; bounded in entries and time. (Sharing it between replicas is the shared
-state's job.)
+Entries expire `ttl_s` after their last use (each use refreshes them). Session ids come from clients: they
+are hashed into the key, so their length and content never matter to the store.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
+import hashlib
+
+from server.shared import StoreGuard
+
+PREFIX = "turnout:affinity:"
 
 
 class AffinityStore:
-    """(policy, session) -> target, least recently used first out, each entry expiring `ttl_s` after last use."""
+    """(policy, session) -> target."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+    def __init__(self, guard: StoreGuard) -> None:
+        self.guard = guard
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    @staticmethod
+    def _key(policy: str, session: str) -> str:
+        return f"{PREFIX}{policy}:{hashlib.sha256(session.encode()).hexdigest()[:32]}"
 
-    def get(self, policy: str, session: str, ttl_s: float) -> str | None:
-        """The target remembered for this session (refreshing it), or None if none or expired."""
-        key = (policy, session)
-        entry = self._entries.get(key)
-        if entry is None:
+    async def get(self, policy: str, session: str, ttl_s: float) -> str | None:
+        """The target remembered for this session (refreshing its expiry), or None."""
+        key = self._key(policy, session)
+        raw, _ = await self.guard.run("affinity_get", lambda s: s.get(key))
+        if raw is None:
             return None
-        target, seen = entry
-        now = self._clock()
-        if now - seen > ttl_s:
-            del self._entries[key]
-            return None
-        self._entries[key] = (target, now)
-        self._entries.move_to_end(key)
-        return target
+        await self.guard.run("affinity_put", lambda s: s.put(key, raw, ttl_s))
+        return raw.decode()
 
-    def put(self, policy: str, session: str, target: str, max_sessions: int) -> None:
-        """Remember `target` for this session, evicting the least recently used beyond `max_sessions`."""
-        key = (policy, session)
-        self._entries[key] = (target, self._clock())
-        self._entries.move_to_end(key)
-        while len(self._entries) > max_sessions:
-            self._entries.popitem(last=False)
+    async def put(self, policy: str, session: str, target: str, ttl_s: float) -> None:
+        """Remember `target` for this session for `ttl_s`."""
+        key, value = self._key(policy, session), target.encode()
+        await self.guard.run("affinity_put", lambda s: s.put(key, value, ttl_s))

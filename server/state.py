@@ -133,7 +133,7 @@ class GatewayState:
         self.load = LoadMonitor(registry, srv.load_interval_s, srv.health_timeout_s)
         self.feedback = FeedbackBook(self.guard, srv.feedback_ttl_s)
         self.bandit_sync = BanditSync(self.guard, config.state.sync_interval_s, lambda: self.live)
-        self.affinity = AffinityStore()
+        self.affinity = AffinityStore(self.guard)
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False

@@ -91,17 +91,19 @@ def test_parse_vllm_load() -> None:
         parse_vllm_load("this is { not prometheus")
 
 
-def test_affinity_store_expires_and_evicts() -> None:
+async def test_affinity_store_expires_and_refreshes() -> None:
     now = [0.0]
-    store = AffinityStore(clock=lambda: now[0])
-    store.put("p", "s1", "big", max_sessions=2)
-    store.put("p", "s2", "small", max_sessions=2)
-    assert store.get("p", "s1", ttl_s=10) == "big"
-    assert store.get("other", "s1", ttl_s=10) is None  # per policy
-    store.put("p", "s3", "small", max_sessions=2)  # evicts the least recently used: s2
-    assert store.get("p", "s2", ttl_s=10) is None and len(store) == 2
-    now[0] = 11.0
-    assert store.get("p", "s1", ttl_s=10) is None
+    store = AffinityStore(StoreGuard(MemoryStore(clock=lambda: now[0]), "fail_open", Metrics()))
+    await store.put("p", "s1", "big", ttl_s=10)
+    await store.put("p", "s2", "small", ttl_s=10)
+    now[0] = 8.0
+    assert await store.get("p", "s1", ttl_s=10) == "big"  # used at 8 s: kept until 18 s
+    assert await store.get("other", "s1", ttl_s=10) is None  # per policy
+    now[0] = 12.0
+    assert await store.get("p", "s2", ttl_s=10) is None, "unused for longer than its ttl"
+    assert await store.get("p", "s1", ttl_s=10) == "big"
+    now[0] = 23.0
+    assert await store.get("p", "s1", ttl_s=10) is None
 
 
 class Recording:

@@ -15,9 +15,12 @@ from routers.registry import REGISTRY, build_router
 from routers.specs import FixedSpec, WeightedSpec
 from server.config import parse_config
 from server.errors import GatewayError
+from server.metrics import Metrics
 from server.protocol import RouteOptions
 from server.routing import RouteInput, RoutingTable, Selection, select
 from server.sessions import AffinityStore
+from server.shared import StoreGuard
+from server.store import MemoryStore
 from server.workers import Health, WorkerRegistry
 
 REQ = RoutingRequest(request_id="r", text="hi", candidates=("a", "b"))
@@ -70,7 +73,8 @@ def test_registry_is_explicit() -> None:
 async def choose(t: RoutingTable, model: str, options: RouteOptions | None = None,
                  header: str | None = None, reg: WorkerRegistry | None = None) -> Selection:
     reg = reg or WorkerRegistry(t.config)
-    return await select(t, reg, None, AffinityStore(), RouteInput(model, "hi", options, header), "r")
+    affinity = AffinityStore(StoreGuard(MemoryStore(), "fail_open", Metrics()))
+    return await select(t, reg, None, affinity, RouteInput(model, "hi", options, header), "r")
 
 
 async def test_table_resolution() -> None:
