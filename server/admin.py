@@ -14,13 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.responses import Response
 
 from routers.base import RoutingDecision
-from server.config import ConfigError, field_path
+from server.config import ConfigError, KeyConfig, field_path
 from server.errors import GatewayError, bad_request, error_response
 from server.keys import forbidden
+from server.keystore import add_key, authenticate, list_keys, revoke_key
 from server.protocol import ChatCompletionRequest, validate_body
 from server.proxy import decode_json, read_body, route_input
 from server.routing import explicit_policy, select
 from server.state import GatewayState
+from server.store import StoreUnavailable
 
 log = logging.getLogger("turnout.admin")
 
@@ -44,7 +46,7 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
     live = gw.live
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
-        key = live.keys.authenticate(request.headers.get("authorization"))
+        key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)
@@ -85,7 +87,7 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/feedback {request_id, score}`: 200 accepted (or ignored as a repeat), 404 for an id not
     routed here or too long ago, 400 for a bad body."""
     try:
-        gw.live.keys.authenticate(request.headers.get("authorization"))
+        await authenticate(gw.live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         raw = decode_json(await read_body(request, 64 * 1024))
         try:
             fb = FeedbackBody.model_validate(raw)
@@ -158,3 +160,54 @@ async def handle_reload(request: Request, gw: GatewayState) -> Response:
                   "policies": {name: getattr(r, "version", "static") or "static"
                                for name, r in live.table.routers.items()},
                   "workers": [w.name for w in cfg.workers]})
+
+
+def _key_json(k: KeyConfig, source: str) -> dict[str, Any]:
+    rules = k.model_dump(exclude={"key_sha256", "key_env"})
+    return {**rules, "source": source}
+
+
+async def handle_keys(request: Request, gw: GatewayState, name: str | None = None) -> Response:
+    """`GET /admin/keys` (every key's rules, never a key or its hash), `POST /admin/keys` (a new stored key:
+    its rules in the body; the key is in the answer, once), `DELETE /admin/keys/{name}` (revoke a stored key).
+    Admin key required; the store must be reachable."""
+    problem = _admin_key_problem(request, gw)
+    if problem is not None:
+        return error_response(problem)
+    try:
+        if request.method == "GET":
+            stored = await list_keys(gw.store)
+            return _json({"keys": [_key_json(k, "config") for k in gw.config.auth.keys]
+                          + [_key_json(k, "store") for k in stored]})
+        if request.method == "DELETE":
+            assert name is not None
+            if not await revoke_key(gw.store, name):
+                raise GatewayError(404, f"No stored key named '{name}' (keys from the config are revoked by "
+                                        "editing it).", code="key_not_found")
+            return _json({"revoked": name})
+        raw = decode_json(await read_body(request, 64 * 1024))
+        if not isinstance(raw, dict) or "key_sha256" in raw or "key_env" in raw:
+            raise bad_request("Send the key's rules as a JSON object (name, policies, models, requests_per_minute, "
+                              "tokens_per_minute, budget_usd, budget_period); the gateway makes the key.")
+        try:
+            rules = KeyConfig.model_validate({**raw, "key_sha256": "0" * 64})
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            param = field_path(tuple(first["loc"])) or None
+            raise bad_request(f"Invalid value for '{param or 'body'}': {first['msg']}", param) from None
+        unknown = [p for p in rules.policies if p not in gw.config.policies]
+        unknown += [m for m in rules.models if m not in gw.live.registry.workers and m not in gw.live.registry.by_model]
+        if unknown:
+            raise bad_request(f"Unknown policies or models: {unknown}.", "policies")
+        if any(k.name == rules.name for k in gw.config.auth.keys):
+            raise GatewayError(409, f"A key named '{rules.name}' is in the config.", code="key_exists")
+        try:
+            key = await add_key(gw.store, rules)
+        except ValueError as exc:
+            raise GatewayError(409, str(exc), code="key_exists") from None
+        return _json({"name": rules.name, "key": key}, status=201)
+    except StoreUnavailable as exc:
+        return error_response(GatewayError(503, f"The key store is unavailable: {exc}", type="server_error",
+                                           code="state_unavailable"))
+    except GatewayError as err:
+        return error_response(err)

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from threadpoolctl import threadpool_limits
 
 from routers.embedders import Embedder
-from server.admin import handle_feedback, handle_reload, handle_route, reload_and_log
+from server.admin import handle_feedback, handle_keys, handle_reload, handle_route, reload_and_log
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
 from server.middleware import RequestIdMiddleware
@@ -107,6 +107,14 @@ def create_app(
     @app.post("/admin/reload", summary="Re-read the config file and swap it in (admin key required)")
     async def reload(request: Request) -> Response:
         return await handle_reload(request, gw(request))
+
+    @app.api_route("/admin/keys", methods=["GET", "POST"], summary="List client keys, or add one (admin key)")
+    async def keys(request: Request) -> Response:
+        return await handle_keys(request, gw(request))
+
+    @app.delete("/admin/keys/{name}", summary="Revoke a stored client key (admin key required)")
+    async def revoke(request: Request, name: str) -> Response:
+        return await handle_keys(request, gw(request), name)
 
     @app.get("/v1/models", summary="Served models and routing policies")
     async def models(request: Request) -> JSONResponse:

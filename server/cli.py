@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 
 from server.app import CONFIG_ENV, create_app
-from server.config import ConfigError
+from server.config import ConfigError, KeyConfig
+from server.keystore import add_key, list_keys, revoke_key
+from server.redis_store import RedisStore
 from server.state import check_config_file
+from server.store import StoreUnavailable
 
+T = TypeVar("T")
 EMBEDDER_HELP = "onnx (default), static (distilled from it; fast on CPUs) or st:<model path>"
 
 
@@ -121,6 +129,76 @@ def eval_cmd(
     except (TableError, ValueError) as exc:
         err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
         raise typer.Exit(1) from None
+
+
+keys_app = typer.Typer(help="Client keys kept in Redis (state.backend: redis). With the memory store, use the "
+                             "gateway's /admin/keys endpoints instead.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+UrlEnv = Annotated[str, typer.Option("--url-env", help="environment variable holding the Redis URL")]
+
+
+def _with_store(url_env: str, work: Callable[[RedisStore], Awaitable[T]]) -> T:
+    url = os.environ.get(url_env)
+    if not url:
+        err.print(f"[red]{url_env} is not set: it must hold the Redis URL the gateways use[/red]")
+        raise typer.Exit(2)
+
+    async def run() -> T:
+        store = RedisStore(url, timeout_s=5.0)
+        try:
+            return await work(store)
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="a name for the key (used in metrics and logs)")],
+    policy: Annotated[list[str] | None, typer.Option(help="allowed policy (repeat; none = all)")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="allowed worker or model (repeat; none = all)")] = None,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option(help="tokens per minute")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="USD per budget period")] = None,
+    period: Annotated[str, typer.Option(help="hour, day or month")] = "day",
+    url_env: UrlEnv = "TURNOUT_REDIS_URL",
+) -> None:
+    """Create a key and print it (shown only this once; only its SHA-256 is stored)."""
+    try:
+        rules = KeyConfig.model_validate({
+            "name": name, "key_sha256": "0" * 64, "policies": policy or [], "models": model or [],
+            "requests_per_minute": rpm, "tokens_per_minute": tpm, "budget_usd": budget_usd, "budget_period": period})
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            err.print(f"  - {'.'.join(str(p) for p in e['loc']) or 'key'}: {e['msg']}", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        key = _with_store(url_env, lambda s: add_key(s, rules))
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(url_env: UrlEnv = "TURNOUT_REDIS_URL") -> None:
+    """The stored keys' names and rules (never the keys)."""
+    for k in _with_store(url_env, list_keys):
+        print(json.dumps(k.model_dump(exclude={"key_sha256", "key_env"})))
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str, url_env: UrlEnv = "TURNOUT_REDIS_URL") -> None:
+    """Revoke a stored key (every replica refuses it within a few seconds)."""
+    if not _with_store(url_env, lambda s: revoke_key(s, name)):
+        err.print(f"[red]no stored key named {name!r}[/red]")
+        raise typer.Exit(1)
+    print(f"revoked {name}")
 
 
 def main() -> None:

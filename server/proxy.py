@@ -33,6 +33,7 @@ from server.errors import (
     upstream_stream_error,
 )
 from server.keys import KeyRecord, forbidden
+from server.keystore import authenticate
 from server.limits import Admission, prompt_tokens_bound
 from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, prompt_text, validate_body
 from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, explicit_policy, select
@@ -194,7 +195,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             ex.completion_parts = []
         body.pop("turnout", None)  # the gateway's own field; workers never see it
         inp = route_input(request, body, req)
-        key = live.keys.authenticate(request.headers.get("authorization"))
+        key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
         await apply_selection(gw, selection, ex)

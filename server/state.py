@@ -27,6 +27,7 @@ from server.config import ConfigError, StateConfig, TurnoutConfig, UpstreamConfi
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
 from server.keys import KeyBook
+from server.keystore import StoredKeys
 from server.limits import Limits
 from server.load import LoadMonitor
 from server.metrics import Metrics
@@ -125,6 +126,7 @@ class GatewayState:
         self.store = make_store(config.state, max_entries=bound)
         self.guard = StoreGuard(self.store, config.state.on_failure, self.metrics, max_entries=bound)
         self.limits = Limits(self.guard)
+        self.stored_keys = StoredKeys()
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time(), keys=KeyBook(config.auth))
         self.metrics.watch(lambda: self.live)
         self.metrics.prime(config)

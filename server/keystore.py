@@ -1,0 +1,96 @@
+"""Client keys kept in the shared store (beside those in the YAML): added, listed and revoked at run time by
+`turnout keys ...` or the admin endpoints, seen by every replica within `CACHE_S`.
+
+A key is stored only as its SHA-256: `turnout:key:<sha256>` holds its rules (a `KeyConfig` as JSON), and the
+hash `turnout:keys` maps each name to its SHA-256, for listing and revoking by name.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from server.config import KeyConfig
+from server.keys import KeyBook, KeyRecord, hash_key, new_key, unauthorized
+from server.shared import StoreGuard
+from server.store import Store
+
+KEY_PREFIX = "turnout:key:"
+INDEX = "turnout:keys"
+#: Stored keys are kept until revoked (the store wants an expiry; this one is far away).
+FOREVER_S = 100 * 365 * 86400.0
+#: How long a replica trusts what it last read about a presented key (so revocation takes at most this long).
+CACHE_S = 5.0
+_REVOKED = b"revoked"
+
+
+async def add_key(store: Store, rules: KeyConfig) -> str:
+    """Store a new random key with `rules` (its `name` must be new); returns the key, shown only this once."""
+    existing = await store.hgetall_blobs(INDEX)
+    if rules.name in existing and existing[rules.name] != _REVOKED:
+        raise ValueError(f"a key named {rules.name!r} exists; revoke it first")
+    key = new_key()
+    digest = hash_key(key)
+    record = rules.model_copy(update={"key_sha256": digest, "key_env": None})
+    await store.put(KEY_PREFIX + digest, orjson.dumps(record.model_dump()), FOREVER_S)
+    await store.hset_blob(INDEX, rules.name, digest.encode(), FOREVER_S)
+    return key
+
+
+async def list_keys(store: Store) -> list[KeyConfig]:
+    """Every stored key that is not revoked, by name."""
+    out = []
+    for _, digest in sorted((await store.hgetall_blobs(INDEX)).items()):
+        raw = await store.get(KEY_PREFIX + digest.decode()) if digest != _REVOKED else None
+        if raw:
+            out.append(KeyConfig.model_validate(orjson.loads(raw)))
+    return out
+
+
+async def revoke_key(store: Store, name: str) -> bool:
+    """Revoke the stored key called `name`; False when there is none."""
+    digest = (await store.hgetall_blobs(INDEX)).get(name)
+    if digest is None or digest == _REVOKED:
+        return False
+    await store.put(KEY_PREFIX + digest.decode(), b"", 1e-3)  # gone at once (a put cannot delete)
+    await store.hset_blob(INDEX, name, _REVOKED, FOREVER_S)
+    return True
+
+
+async def authenticate(book: KeyBook, guard: StoreGuard, stored: StoredKeys,
+                       authorization: str | None) -> KeyRecord | None:
+    """The client's key: None when auth is off; from the YAML, else from the store; 401 when unknown. A store
+    that cannot be asked counts as limits being unavailable (fail open: only YAML keys work meanwhile)."""
+    if not book.enabled:
+        return None
+    digest = book.digest_of(authorization)
+    record = book.by_hash.get(digest)
+    if record is None:
+        record, _ = await guard.run("key_lookup", lambda s: stored.find(s, digest), critical=True)
+    if record is None:
+        raise unauthorized("Incorrect API key provided.")
+    return record
+
+
+class StoredKeys:
+    """Looks presented keys up in the store, remembering each answer for `CACHE_S`."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def find(self, store: Store, digest: str) -> KeyRecord | None:
+        """The stored key with this SHA-256, or None."""
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < CACHE_S:
+            return hit[1]
+        raw = await store.get(KEY_PREFIX + digest)
+        record = None
+        if raw:
+            rules = KeyConfig.model_validate(orjson.loads(raw))
+            record = KeyRecord(rules.name, digest, rules)
+        if len(self._cache) > 10_000:  # random bad keys must not grow this without bound
+            self._cache.clear()
+        self._cache[digest] = (now, record)
+        return record
