@@ -105,6 +105,16 @@ class Limits:
             adm.tokens_held = tokens
         return adm
 
+    async def remaining(self, adm: Admission) -> float | None:
+        """What is left of the key's budget this period (None without a budget)."""
+        c = adm.key.config
+        if c.budget_usd is None:
+            return None
+        pid, _ = period(c.budget_period, time.time())
+        key = f"turnout:budget:{adm.key.name}:{pid}"
+        state, _ = await self._run("budget", lambda s: s.budget(key), adm.local)
+        return c.budget_usd - state.spent - state.held
+
     async def hold(self, adm: Admission, worst_usd: float) -> None:
         """Hold the request's worst-case cost against the key's budget (429 when it does not fit)."""
         c = adm.key.config

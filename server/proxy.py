@@ -7,6 +7,7 @@ fields such as vLLM's extra sampling parameters reach the worker unchanged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -35,7 +36,14 @@ from server.errors import (
 from server.keys import KeyRecord, forbidden
 from server.keystore import authenticate
 from server.limits import Admission, prompt_tokens_bound
-from server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, prompt_text, validate_body
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequest,
+    RouteOptions,
+    prompt_text,
+    validate_body,
+)
 from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, explicit_policy, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
 from server.state import GatewayState, Live
@@ -197,6 +205,13 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         inp = route_input(request, body, req)
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
+        left = await gw.limits.remaining(adm) if adm is not None else None
+        if left is not None and left > 0:
+            # A cost-aware policy then prefers a model whose expected cost fits what is left of the budget.
+            cap = min(left, inp.options.max_cost_usd or left) if inp.options else left
+            opts = inp.options.model_copy(update={"max_cost_usd": cap}) if inp.options else RouteOptions(
+                max_cost_usd=cap)
+            inp = dataclasses.replace(inp, options=opts)
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
         await apply_selection(gw, selection, ex)
         wants_usage = False
@@ -207,8 +222,12 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             body["stream_options"] = {**client_opts, "include_usage": True}
         targets = fallback_targets(selection, live.registry, live.config.server.max_fallbacks)
         if adm is not None:
-            await gw.limits.hold(adm, worst_cost_usd(body, [live.registry.resolve(t)[0].config.price
-                                                            for t in targets]))
+            def worst(t: str) -> float:
+                return worst_cost_usd(body, [live.registry.resolve(t)[0].config.price])
+
+            if left is not None:  # fall back only to models whose worst case fits the budget too
+                targets = [t for i, t in enumerate(targets) if i == 0 or worst(t) <= left]
+            await gw.limits.hold(adm, max(worst(t) for t in targets))
         response = None
         for attempt, target in enumerate(targets):
             worker = live.registry.pick(target)

@@ -288,3 +288,27 @@ def test_check_config_builds_every_policy_and_lists_every_problem(artifacts: dic
     assert "policies.unmapped" in text and "fake-big" in text
     assert "policies.mislabelled" in text and "trained as 'knn'" in text
     assert "policies.badmap" in text and "gpt-9" in text
+
+
+async def test_a_budgeted_key_gets_a_cheaper_model_that_fits(fakes: dict[str, Upstream], artifacts: dict[str, Path],
+                                                             fake_reset: None) -> None:
+    from server.keys import hash_key
+
+    raw = routed_config(fakes, artifacts)
+    raw["auth"] = {"enabled": True, "keys": [{"name": "rich", "key_sha256": hash_key("tk-rich")},
+                                             {"name": "poor", "key_sha256": hash_key("tk-poor")}]}
+    async with gateway_in_process(raw, embedder=TopicEmbedder()) as gw:
+        # What the math prompt is predicted to cost on each model (the policy picks the big one for it).
+        explain = (await gw.http.post("/v1/route", json={"model": "auto", "messages": MATH},
+                                      headers={"authorization": "Bearer tk-rich"})).json()
+        costs = {c["name"]: c["predicted_cost_usd"] for c in explain["candidates"]}
+        assert explain["model"] == "fake-big" and costs["fake-small"] < costs["fake-big"]
+    # A budget between the two: the big model's predicted cost does not fit what is left, the small one's does.
+    raw["auth"]["keys"][1]["budget_usd"] = (costs["fake-small"] + costs["fake-big"]) / 2
+    async with gateway_in_process(raw, embedder=TopicEmbedder()) as gw:
+        poor = gw.client.with_options(api_key="tk-poor")
+        rich = gw.client.with_options(api_key="tk-rich")
+        got = await poor.chat.completions.with_raw_response.create(model="auto", messages=MATH, max_tokens=1)
+        assert got.headers["x-turnout-model"] == "small" and "cost <=" in got.headers["x-turnout-reason"]
+        got = await rich.chat.completions.with_raw_response.create(model="auto", messages=MATH, max_tokens=1)
+        assert got.headers["x-turnout-model"] == "big"
