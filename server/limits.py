@@ -70,6 +70,7 @@ class Admission:
     budget_key: str | None = None
     usd_held: float = 0.0
     budget_ttl_s: float = 0.0
+    remaining_usd: float | None = None  # the key's budget left when the request was admitted
     local: bool = False  # held on the replica's own store while the shared one was away
 
 
@@ -83,37 +84,39 @@ class Limits:
         return await self.guard.run(op, fn, critical=True, local=local)
 
     async def admit(self, key: KeyRecord, tokens: int) -> Admission:
-        """Count one request and its worst-case tokens against the key's per-minute limits (429 when over)."""
+        """Count one request and its worst-case tokens against the key's per-minute limits (429 when over), and
+        read what is left of its budget: one round trip to the store."""
         adm = Admission(key)
         c = key.config
+        windows: list[tuple[str, float, float]] = []
         if c.requests_per_minute is not None:
-            rpm = c.requests_per_minute
-            wait, adm.local = await self._run("window_add", lambda s: s.window_add(
-                f"turnout:rpm:{key.name}", 1, rpm, WINDOW_S))
-            if wait is not None:
-                self.metrics.limited.labels(key.name, "requests_per_minute").inc()
-                raise too_many(f"Key '{key.name}' is over its limit of {rpm} requests per minute.", wait,
-                               "rate_limit_exceeded")
+            windows.append((f"turnout:rpm:{key.name}", 1, c.requests_per_minute))
         if c.tokens_per_minute is not None:
-            tpm = c.tokens_per_minute
-            wait, adm.local = await self._run("window_add", lambda s: s.window_add(
-                f"turnout:tpm:{key.name}", tokens, tpm, WINDOW_S), adm.local)
-            if wait is not None:
-                self.metrics.limited.labels(key.name, "tokens_per_minute").inc()
-                raise too_many(f"Key '{key.name}' is over its limit of {tpm} tokens per minute "
-                               f"(this request may use up to {tokens}).", wait, "rate_limit_exceeded")
+            windows.append((f"turnout:tpm:{key.name}", tokens, c.tokens_per_minute))
+        budget_key = self._budget_key(key)[0] if c.budget_usd is not None else None
+        if not windows and budget_key is None:
+            return adm
+        (failed, wait, state), adm.local = await self._run(
+            "admit", lambda s: s.admit(windows, WINDOW_S, budget_key))
+        if failed is not None:
+            if windows[failed][0].startswith("turnout:rpm:"):
+                self.metrics.limited.labels(key.name, "requests_per_minute").inc()
+                raise too_many(f"Key '{key.name}' is over its limit of {c.requests_per_minute} requests per "
+                               "minute.", wait, "rate_limit_exceeded")
+            self.metrics.limited.labels(key.name, "tokens_per_minute").inc()
+            raise too_many(f"Key '{key.name}' is over its limit of {c.tokens_per_minute} tokens per minute "
+                           f"(this request may use up to {tokens}).", wait, "rate_limit_exceeded")
+        if c.tokens_per_minute is not None:
             adm.tokens_held = tokens
+        if c.budget_usd is not None:
+            adm.remaining_usd = c.budget_usd - state.spent - state.held
         return adm
 
-    async def remaining(self, adm: Admission) -> float | None:
-        """What is left of the key's budget this period (None without a budget)."""
-        c = adm.key.config
-        if c.budget_usd is None:
-            return None
-        pid, _ = period(c.budget_period, time.time())
-        key = f"turnout:budget:{adm.key.name}:{pid}"
-        state, _ = await self._run("budget", lambda s: s.budget(key), adm.local)
-        return c.budget_usd - state.spent - state.held
+    @staticmethod
+    def _budget_key(key: KeyRecord) -> tuple[str, float]:
+        """The store key of the key's current budget period, and the seconds left in the period."""
+        pid, left = period(key.config.budget_period, time.time())
+        return f"turnout:budget:{key.name}:{pid}", left
 
     async def hold(self, adm: Admission, worst_usd: float) -> None:
         """Hold the request's worst-case cost against the key's budget (429 when it does not fit)."""
@@ -121,8 +124,7 @@ class Limits:
         if c.budget_usd is None:
             return
         budget = c.budget_usd
-        pid, left = period(c.budget_period, time.time())
-        key = f"turnout:budget:{adm.key.name}:{pid}"
+        key, left = self._budget_key(adm.key)
         ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
         ok, adm.local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl), adm.local)
         if not ok:

@@ -165,7 +165,7 @@ def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> R
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
 
-async def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
+def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     """Note the decision on the exchange, and arrange for the policy to hear the outcome."""
     ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
     ex.routing_s, ex.embed_cached, ex.affinity = (sel.routing_s if sel.policy else None), sel.embed_cached, sel.affinity
@@ -174,7 +174,8 @@ async def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> Non
     router, decision = sel.router, sel.decision
     if router is None or decision is None:
         return
-    await gw.feedback.record(ex.request_id, router, decision.policy, decision.version, decision.chosen)
+    # Not awaited: the record is written while the worker answers, long before the client can score the answer.
+    gw.spawn(gw.feedback.record(ex.request_id, router, decision.policy, decision.version, decision.chosen))
 
     def tell_policy(done: Exchange) -> None:
         gw.spawn(gw.feedback.set_cost(done.request_id, done.cost_usd))
@@ -205,7 +206,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         inp = route_input(request, body, req)
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
-        left = await gw.limits.remaining(adm) if adm is not None else None
+        left = adm.remaining_usd if adm is not None else None
         if left is not None and left > 0:
             # A cost-aware policy then prefers a model whose expected cost fits what is left of the budget.
             cap = min(left, inp.options.max_cost_usd or left) if inp.options else left
@@ -213,7 +214,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
                 max_cost_usd=cap)
             inp = dataclasses.replace(inp, options=opts)
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
-        await apply_selection(gw, selection, ex)
+        apply_selection(gw, selection, ex)
         wants_usage = False
         if ex.stream:
             client_opts = body.get("stream_options") or {}

@@ -9,7 +9,7 @@ timeout, and any Redis error becomes `StoreUnavailable`, so a dead or hung Redis
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -34,6 +34,35 @@ end
 redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return -1
+"""
+
+# KEYS window keys (then the budget hash, if any); ARGV n windows, has budget, then amount, limit, ttl ms per
+# window. Returns {index of the first window that does not fit (0-based) or -1, its ttl ms, spent, held}.
+_ADMIT = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if total + tonumber(ARGV[3 * i]) > tonumber(ARGV[3 * i + 1]) then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = tonumber(ARGV[3 * i + 2]) end
+    local spent, held = '0', '0'
+    if ARGV[2] == '1' then
+      spent = redis.call('HGET', KEYS[n + 1], 'spent') or '0'
+      held = redis.call('HGET', KEYS[n + 1], 'held') or '0'
+    end
+    return {i - 1, ttl, spent, held}
+  end
+end
+for i = 1, n do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[3 * i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 2])
+end
+local spent, held = '0', '0'
+if ARGV[2] == '1' then
+  spent = redis.call('HGET', KEYS[n + 1], 'spent') or '0'
+  held = redis.call('HGET', KEYS[n + 1], 'held') or '0'
+end
+return {-1, 0, spent, held}
 """
 
 # KEYS[1] budget hash {spent, held}; ARGV amount, budget, ttl ms. Returns 1 when held, 0 when it does not fit.
@@ -82,6 +111,7 @@ class RedisStore:
         self._window_add = self.client.register_script(_WINDOW_ADD)
         self._reserve = self.client.register_script(_RESERVE)
         self._settle = self.client.register_script(_SETTLE)
+        self._admit = self.client.register_script(_ADMIT)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -107,6 +137,23 @@ class RedisStore:
                 await pipe.execute()
 
         await self._call("window_adjust", op)
+
+    async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
+                    budget_key: str | None) -> tuple[int | None, float, Budget]:
+        """See `Store.admit`."""
+        now = self.clock()
+        keys: list[str] = []
+        args: list[Any] = [len(windows), 1 if budget_key else 0]
+        for key, amount, limit in windows:
+            wkey, left = window_key(key, window_s, now)
+            keys.append(wkey)
+            args += [repr(amount), repr(limit), _ms(left + 1)]
+        if budget_key:
+            keys.append(budget_key)
+        got: Any = await self._call("admit", lambda: self._admit(keys=keys, args=args))
+        failed, ttl_ms = int(got[0]), int(got[1])
+        state = Budget(float(got[2]), float(got[3]))
+        return (None, 0.0, state) if failed < 0 else (failed, ttl_ms / 1000, state)
 
     async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
         """See `Store.reserve`."""

@@ -5,7 +5,8 @@ script, so concurrent replicas can never both pass a check that only one of them
 
 Operations:
 - `window_add`: a fixed-window counter with a limit (requests or tokens per minute). Admits exactly `limit`
-  per window across all replicas: the check and the increment are one step.
+  per window across all replicas: the check and the increment are one step. `admit` does several windows
+  and reads a budget in one step (one round trip on the request's path).
 - `reserve` / `settle`: a budget of `budget` per period. `reserve` holds a request's worst-case cost if
   spent + held + it fits; `settle` releases the hold and adds the actual cost. Spend can never pass the budget.
 - `put` / `get` / `claim`: small values with a time to live (feedback context, affinity); `claim` sets a
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -48,6 +49,13 @@ class Store(Protocol):
 
     async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
         """Add `amount` (negative allowed) to the current window's total without a check (token corrections)."""
+        ...
+
+    async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
+                    budget_key: str | None) -> tuple[int | None, float, Budget]:
+        """One request's admission in one step: each (key, amount, limit) window is counted if every one of them
+        fits (else none is, and the index of the first that does not and the seconds to its window's end are
+        returned), and the state of `budget_key` is read alongside."""
         ...
 
     async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
@@ -148,6 +156,18 @@ class MemoryStore:
         entry = self._live(wkey)
         total = float(entry.value) if entry is not None else 0.0  # type: ignore[arg-type]
         self._data[wkey] = _Entry(total + amount, self.clock() + left + 1)
+
+    async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
+                    budget_key: str | None) -> tuple[int | None, float, Budget]:
+        """See `Store.admit`."""
+        for i, (key, amount, limit) in enumerate(windows):
+            wkey, left = window_key(key, window_s, self.clock())
+            entry = self._live(wkey)
+            if (float(entry.value) if entry is not None else 0.0) + amount > limit:  # type: ignore[arg-type]
+                return i, left, await self.budget(budget_key) if budget_key else Budget(0.0, 0.0)
+        for key, amount, _ in windows:
+            await self.window_adjust(key, amount, window_s)
+        return None, 0.0, await self.budget(budget_key) if budget_key else Budget(0.0, 0.0)
 
     async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
         """See `Store.reserve`."""

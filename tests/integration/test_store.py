@@ -85,3 +85,19 @@ async def test_a_dead_redis_is_reported_fast(tmp_path: Path) -> None:
     assert await store.window_add("k", 1, 10, 60) is None
     await store.aclose()
     server.stop()
+
+
+async def test_admit_counts_all_windows_or_none_and_reads_the_budget(store: Store) -> None:
+    await store.reserve("b:a", 0.25, 1.0, 60)
+    await store.settle("b:a", 0.25, 0.125, 60)
+    windows = [("rpm:a", 1, 3), ("tpm:a", 40, 100)]
+    for _ in range(2):
+        failed, wait, state = await store.admit(windows, 60, "b:a")
+        assert failed is None and wait == 0 and state.spent == pytest.approx(0.125) and state.held == 0
+    # The token window would pass 100: nothing is counted, the request count included.
+    failed, wait, _ = await store.admit(windows, 60, "b:a")
+    assert failed == 1 and 0 < wait <= 61
+    failed, _, _ = await store.admit([("rpm:a", 1, 3)], 60, None)
+    assert failed is None, "the refused admission left the request window at 2"
+    failed, _, state = await store.admit([("rpm:a", 1, 3)], 60, None)
+    assert failed == 0 and state.spent == 0
