@@ -36,19 +36,24 @@ class FeedbackBook:
     def __init__(self, guard: StoreGuard, ttl_s: float) -> None:
         self.guard, self.ttl_s = guard, ttl_s
 
-    async def record(self, request_id: str, router: Router, policy: str, version: str, chosen: str) -> None:
-        """Remember a routed request (with the bandit's features when the policy learns from feedback)."""
+    @staticmethod
+    def make_record(request_id: str, router: Router, policy: str, version: str, chosen: str) -> FeedbackRecord:
+        """A routed request's record (with the bandit's features when the policy learns from feedback)."""
         rec = FeedbackRecord(policy, version, chosen)
         if isinstance(router, BanditRouter) and (ctx := router.context(request_id)) is not None:
             rec.features, rec.arm = [float(v) for v in ctx[0]], ctx[1]
-        await self._put(request_id, rec)
+        return rec
+
+    async def record(self, request_id: str, router: Router, policy: str, version: str, chosen: str) -> None:
+        """Remember a routed request."""
+        await self.put(request_id, self.make_record(request_id, router, policy, version, chosen))
 
     async def set_cost(self, request_id: str, cost_usd: float | None) -> None:
-        """Note what the request cost (the bandit's reward uses it)."""
+        """Note what the request cost (the bandit's reward uses it), reading the record back first."""
         rec = await self._get(request_id)
         if rec is not None and cost_usd is not None:
             rec.cost_usd = cost_usd
-            await self._put(request_id, rec)
+            await self.put(request_id, rec)
 
     async def give(self, request_id: str, score: float, routers: dict[str, Router]) -> tuple[str, str | None]:
         """Feed `score` to the policy that routed `request_id` (this replica's instance in `routers`).
@@ -70,7 +75,8 @@ class FeedbackBook:
                                               cost_usd=rec.cost_usd, quality=score))
         return "accepted", rec.policy
 
-    async def _put(self, request_id: str, rec: FeedbackRecord) -> None:
+    async def put(self, request_id: str, rec: FeedbackRecord) -> None:
+        """Write (or rewrite) a request's record, for `ttl_s`."""
         blob = orjson.dumps(asdict(rec))
         await self.guard.run("put", lambda s: s.put(PREFIX + request_id, blob, self.ttl_s))
 

@@ -175,10 +175,13 @@ def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     if router is None or decision is None:
         return
     # Not awaited: the record is written while the worker answers, long before the client can score the answer.
-    gw.spawn(gw.feedback.record(ex.request_id, router, decision.policy, decision.version, decision.chosen))
+    record = gw.feedback.make_record(ex.request_id, router, decision.policy, decision.version, decision.chosen)
+    gw.spawn(gw.feedback.put(ex.request_id, record))
 
     def tell_policy(done: Exchange) -> None:
-        gw.spawn(gw.feedback.set_cost(done.request_id, done.cost_usd))
+        if done.cost_usd is not None:  # the bandit's reward uses what the request cost
+            record.cost_usd = done.cost_usd
+            gw.spawn(gw.feedback.put(done.request_id, record))
         # The chosen model failed when the request had to fall back, whatever the fallback did.
         ok = done.status == "ok" and not done.fallback_from
         router.observe(RoutingOutcome(request_id=done.request_id, chosen=decision.chosen, ok=ok,
