@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -27,7 +28,9 @@ import yaml
 
 from loadtest.engines import fake_process, gateway_process
 from loadtest.results_io import write_results
+from server.keys import hash_key
 from tests.procs import free_port
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 MSG: list[Any] = [{"role": "user", "content": "How far is the moon from the earth?"}]
@@ -48,7 +51,7 @@ async def run_load(base_url: str, n: int, concurrency: int, model: str) -> tuple
     """Send n chat requests with `concurrency` in flight; client latencies (s) and overhead headers (ms)."""
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx2.AsyncClient(limits=limits, timeout=60) as http:
-        client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", http_client=http, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=BENCH_KEY, http_client=http, max_retries=0)
         latencies: list[float] = []
         overheads: list[float] = []
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -69,7 +72,34 @@ async def run_load(base_url: str, n: int, concurrency: int, model: str) -> tuple
     return latencies, overheads
 
 
-ARMS = ("metrics on", "metrics off")
+BENCH_KEY = "tk-bench"
+#: Each arm's config changes. "limits" arms authenticate a key with a per-minute limit and a budget (large
+#: enough never to refuse), so every request does the store's work: a window check, a budget read, a hold, a
+#: settle, and its feedback record.
+ARMS: dict[str, dict[str, Any]] = {
+    "metrics on": {},
+    "metrics off": {"server": {"metrics": False}},
+    "limits, memory store": {"auth": "limits", "state": {"backend": "memory"}},
+    "limits, redis store": {"auth": "limits", "state": {"backend": "redis"}},
+}
+
+
+def arm_config(arm: str, worker_port: int) -> dict[str, Any]:
+    """The gateway config of one arm."""
+    over = ARMS[arm]
+    cfg: dict[str, Any] = {
+        "workers": [{"name": "fake", "model": "fake-model", "base_url": f"http://127.0.0.1:{worker_port}/v1",
+                     "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}}],
+        "policies": {"fixed": {"type": "fixed", "worker": "fake"}},
+        "default_policy": "fixed",
+        "server": over.get("server", {}),
+    }
+    if "state" in over:
+        cfg["state"] = over["state"]
+    if over.get("auth") == "limits":
+        cfg["auth"] = {"enabled": True, "keys": [{"name": "bench", "key_sha256": hash_key(BENCH_KEY),
+                                                  "requests_per_minute": 10_000_000, "budget_usd": 1e6}]}
+    return cfg
 
 
 def dist(values: list[float], scale: float = 1.0) -> dict[str, float]:
@@ -91,23 +121,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="turnout-overhead-"))
     wport = free_port()
     ports = {arm: free_port() for arm in ARMS}
+    redis_server = RedisServer(tmp / "redis.log")
     gateways = {}
     for arm in ARMS:
-        cfg = {
-            "workers": [{"name": "fake", "model": "fake-model", "base_url": f"http://127.0.0.1:{wport}/v1",
-                         "price": {"input_per_1m": 0.1, "output_per_1m": 0.2}}],
-            "policies": {"fixed": {"type": "fixed", "worker": "fake"}},
-            "default_policy": "fixed",
-            "server": {"metrics": arm == "metrics on"},
-        }
-        path = tmp / f"{arm.replace(' ', '-')}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path = tmp / f"{arm.replace(' ', '-').replace(',', '')}.yaml"
+        path.write_text(yaml.safe_dump(arm_config(arm, wport)))
         gateways[arm] = gateway_process(path, ports[arm], log_level="warning")
+        gateways[arm].env = {**(gateways[arm].env or {}), "TURNOUT_REDIS_URL": redis_server.url}
     fake = fake_process(wport, "fake-model")
     levels = [int(c) for c in args.concurrency.split(",")]
     per_round = args.requests // args.rounds
     runs: list[dict[str, Any]] = []
-    with fake, gateways["metrics on"], gateways["metrics off"]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(redis_server)
+        stack.enter_context(fake)
+        for proc in gateways.values():
+            stack.enter_context(proc)
         direct_url = f"http://127.0.0.1:{wport}/v1"
         urls = {arm: f"http://127.0.0.1:{ports[arm]}/v1" for arm in ARMS}
         for arm in ARMS:
@@ -119,8 +148,9 @@ def main() -> None:
             over: dict[str, list[float]] = {arm: [] for arm in ARMS}
             cpu = dict.fromkeys(ARMS, 0.0)
             for rnd in range(args.rounds):
-                # Alternate which arm goes first, so drift on the shared machine falls on both alike.
-                for arm in ARMS if rnd % 2 == 0 else ARMS[::-1]:
+                # Rotate which arm goes first, so drift on the shared machine falls on every arm alike.
+                names = list(ARMS)
+                for arm in names[rnd % len(names):] + names[:rnd % len(names)]:
                     cpu0 = cpu_seconds(gateways[arm].pid)
                     got_lat, got_over = asyncio.run(run_load(urls[arm], per_round, c, "auto"))
                     cpu[arm] += cpu_seconds(gateways[arm].pid) - cpu0
@@ -139,10 +169,12 @@ def main() -> None:
     lines = [
         f"# Gateway overhead: {args.requests} non-streaming requests per arm through the fake worker",
         "",
-        f"One run, {os.cpu_count()} CPUs shared by the load client, two gateways and the fake worker. At each",
-        "concurrency the load goes direct to the worker, then through a gateway with metrics on (the default) and",
-        f"one with `server.metrics: false`, taking turns in {args.rounds} rounds so drift falls on both alike.",
-        "Both gateways use the `fixed` policy and log at warning (no request log line).",
+        f"One run, {os.cpu_count()} CPUs shared by the load client, four gateways, Redis and the fake worker. At",
+        "each concurrency the load goes direct to the worker, then through four gateways taking turns in "
+        f"{args.rounds} rounds",
+        "(the order rotated each round): metrics on (the default), `server.metrics: false`, and a client key with a",
+        "per-minute limit and a budget checked on the memory store and on Redis (`state.backend: redis`, a local",
+        "`redis-server`). All use the `fixed` policy and log at warning (no request log line).",
         "`x-turnout-overhead-ms` is the gateway's time excluding the wait on the worker (which includes the",
         "upstream HTTP client's own work); the client-side difference also counts HTTP parsing and the extra hop.",
         "",
@@ -160,15 +192,20 @@ def main() -> None:
             lines.append(f"| {r['concurrency']} | gateway, {arm} | {o['median']:.3f} / {o['p90']:.3f} / "
                          f"{o['p99']:.3f} | {g['median']:.2f} / {g['p99']:.2f} "
                          f"| {a['gateway_cpu_ms_per_request']:.2f} |")
-    lines += ["", "## Metrics on against off (same run)", ""]
-    for r in runs:
-        on, off = r["arms"]["metrics on"], r["arms"]["metrics off"]
-        lines.append(
-            f"- concurrency {r['concurrency']}: overhead median "
-            f"{on['overhead_header_ms']['median'] / off['overhead_header_ms']['median']:.2f}x "
-            f"({on['overhead_header_ms']['median'] - off['overhead_header_ms']['median']:+.3f} ms), p99 "
-            f"{on['overhead_header_ms']['p99'] / off['overhead_header_ms']['p99']:.2f}x; gateway CPU "
-            f"{on['gateway_cpu_ms_per_request'] - off['gateway_cpu_ms_per_request']:+.2f} ms/request.")
+    for title, a, b in (("Metrics on against off", "metrics on", "metrics off"),
+                        ("Limits on the Redis store against the memory store", "limits, redis store",
+                         "limits, memory store"),
+                        ("Limits (memory store) against none", "limits, memory store", "metrics on")):
+        lines += ["", f"## {title} (same run)", ""]
+        for r in runs:
+            x, y = r["arms"][a], r["arms"][b]
+            lines.append(
+                f"- concurrency {r['concurrency']}: overhead median "
+                f"{x['overhead_header_ms']['median'] / y['overhead_header_ms']['median']:.2f}x "
+                f"({x['overhead_header_ms']['median'] - y['overhead_header_ms']['median']:+.3f} ms), p99 "
+                f"{x['overhead_header_ms']['p99'] / y['overhead_header_ms']['p99']:.2f}x "
+                f"({x['overhead_header_ms']['p99'] - y['overhead_header_ms']['p99']:+.3f} ms); gateway CPU "
+                f"{x['gateway_cpu_ms_per_request'] - y['gateway_cpu_ms_per_request']:+.2f} ms/request.")
     write_results(args.out, result, "\n".join([*lines, ""]))
 
 
