@@ -7,8 +7,6 @@ fields such as vLLM's extra sampling parameters reach the worker unchanged.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -23,7 +21,7 @@ from starlette.responses import Response
 
 from routers.base import RoutingOutcome
 from server.accounting import Exchange
-from server.config import Price
+from server.admission import admit, budget_route_input, hold_for
 from server.errors import (
     GatewayError,
     bad_request,
@@ -33,21 +31,19 @@ from server.errors import (
     payload_too_large,
     upstream_stream_error,
 )
-from server.keys import KeyRecord, forbidden
+from server.fallback import FALLBACK_CODES, fallback_targets, note_fallback
 from server.keystore import authenticate
-from server.limits import Admission, prompt_tokens_bound
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIRequest,
-    RouteOptions,
     prompt_text,
     validate_body,
 )
-from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, explicit_policy, select
+from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
 from server.state import GatewayState, Live
-from server.workers import Worker, WorkerRegistry
+from server.workers import Worker
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
     "chat": ("/chat/completions", ChatCompletionRequest),
@@ -87,74 +83,6 @@ def encode_json(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)
     except orjson.JSONEncodeError as exc:
         raise bad_request(f"Request body cannot be forwarded: {exc}") from None
-
-
-log = logging.getLogger("turnout.proxy")
-
-#: Worker failures that send a request to the next candidate (before anything reached the client).
-FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
-
-
-def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: int) -> list[str]:
-    """The targets to try in order: the decision's choice, then (when a policy ranked candidates) the next
-    ones by its own ranking that have a usable worker, at most `max_fallbacks` of them."""
-    if sel.decision is None or sel.affinity:
-        return [sel.target]
-    rest = [name for name in sel.decision.fallbacks() if name != sel.target and registry.usable(name)]
-    return [sel.target, *list(dict.fromkeys(rest))[:max_fallbacks]]
-
-
-async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
-                ex: Exchange) -> Admission:
-    """Check what the key may use (403) and count the request against its per-minute limits (429); arrange
-    for its holds to be settled when it ends."""
-    policy = live.table.policy_for(inp.model, explicit_policy(inp))
-    if policy is not None and not key.allows_policy(policy):
-        raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
-    if policy is None and not key.allows_model(inp.model):
-        raise forbidden(f"Key '{key.name}' may not call '{inp.model}' directly.", "model")
-    c = key.config
-    if (c.budget_usd is not None or c.tokens_per_minute is not None) and not (
-            body.get("max_tokens") or body.get("max_completion_tokens")):
-        # A worst case needs a bound on the answer: without one a request could spend past the budget.
-        body["max_tokens"] = live.config.server.default_max_tokens
-    adm = await gw.limits.admit(key, worst_tokens(body))
-
-    def settle(done: Exchange) -> None:
-        used = (done.prompt_tokens or 0) + (done.completion_tokens or 0)
-        gw.spawn(gw.limits.settle(adm, done.cost_usd, used))
-
-    ex.on_finish.append(settle)
-    ex.key = key.name
-    return adm
-
-
-def _max_out(body: dict[str, Any]) -> int:
-    out = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    n = body.get("n") or 1
-    return int(out) * int(n)
-
-
-def worst_tokens(body: dict[str, Any]) -> int:
-    """The most tokens the request can use: its prompt's upper bound plus max_tokens for each of n answers."""
-    return prompt_tokens_bound(body) + _max_out(body)
-
-
-def worst_cost_usd(body: dict[str, Any], prices: list[Price]) -> float:
-    """The most the request can cost on any of the models it may go to (fallbacks included)."""
-    return max(p.cost_usd(prompt_tokens_bound(body), _max_out(body)) for p in prices)
-
-
-def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, to: str) -> None:
-    """Record that `ex`'s worker failed before its first byte and the request moves on to target `to`."""
-    to_model = registry.resolve(to)[0].model
-    assert ex.worker is not None and ex.model is not None
-    if gw.metrics.enabled:
-        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
-        gw.metrics.fallbacks.labels(ex.policy or "", ex.model, to_model, err.status_label()).inc()
-    ex.fallback_from.append(ex.model)
-    log.warning("request %s: worker %s failed before its first byte (%s); falling back to %s",
-                ex.request_id, ex.worker, err.log_message(), to_model)
 
 
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
@@ -209,13 +137,8 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         inp = route_input(request, body, req)
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
-        left = adm.remaining_usd if adm is not None else None
-        if left is not None and left > 0:
-            # A cost-aware policy then prefers a model whose expected cost fits what is left of the budget.
-            cap = min(left, inp.options.max_cost_usd or left) if inp.options else left
-            opts = inp.options.model_copy(update={"max_cost_usd": cap}) if inp.options else RouteOptions(
-                max_cost_usd=cap)
-            inp = dataclasses.replace(inp, options=opts)
+        if adm is not None:
+            inp = budget_route_input(inp, adm.remaining_usd)
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
         apply_selection(gw, selection, ex)
         wants_usage = False
@@ -226,28 +149,8 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             body["stream_options"] = {**client_opts, "include_usage": True}
         targets = fallback_targets(selection, live.registry, live.config.server.max_fallbacks)
         if adm is not None:
-            def worst(t: str) -> float:
-                return worst_cost_usd(body, [live.registry.resolve(t)[0].config.price])
-
-            if left is not None:  # fall back only to models whose worst case fits the budget too
-                targets = [t for i, t in enumerate(targets) if i == 0 or worst(t) <= left]
-            await gw.limits.hold(adm, max(worst(t) for t in targets))
-        response = None
-        for attempt, target in enumerate(targets):
-            worker = live.registry.pick(target)
-            ex.worker, ex.model = worker.name, worker.model
-            body["model"] = worker.model
-            work = (_open_stream(gw, worker, path, encode_json(body), ex, wants_usage) if ex.stream
-                    else _forward(gw, worker, path, encode_json(body), ex))
-            try:
-                response = await until_disconnect(request, work)
-                break
-            except GatewayError as err:
-                # Nothing has reached the client yet: a worker failure moves the request to the policy's next
-                # candidate. A client error (4xx) would fail anywhere, and the last candidate's error is final.
-                if err.code not in FALLBACK_CODES or attempt == len(targets) - 1:
-                    raise
-                note_fallback(gw, live.registry, ex, err, targets[attempt + 1])
+            targets = await hold_for(gw, live, adm, body, targets)
+        response = await _send(gw, live, request, path, body, ex, targets, wants_usage)
         if response is None:
             ex.status, ex.http_status = "client_disconnect", 499
             return Response(status_code=499, headers=ex.headers())  # nobody is listening any more
@@ -267,6 +170,26 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         if not streaming:
             gw.metrics.in_flight.dec()
             gw.recorder.finish(ex)
+
+
+async def _send(gw: GatewayState, live: Live, request: Request, path: str, body: dict[str, Any], ex: Exchange,
+                targets: list[str], wants_usage: bool) -> Response | None:
+    """Forward to the first target; when its worker fails before anything reached the client, to the next
+    (None: the client went away)."""
+    for attempt, target in enumerate(targets):
+        worker = live.registry.pick(target)
+        ex.worker, ex.model = worker.name, worker.model
+        body["model"] = worker.model
+        work = (_open_stream(gw, worker, path, encode_json(body), ex, wants_usage) if ex.stream
+                else _forward(gw, worker, path, encode_json(body), ex))
+        try:
+            return await until_disconnect(request, work)
+        except GatewayError as err:
+            # A client error (4xx) would fail anywhere, and the last candidate's error is final.
+            if err.code not in FALLBACK_CODES or attempt == len(targets) - 1:
+                raise
+            note_fallback(gw, live.registry, ex, err, targets[attempt + 1])
+    raise AssertionError("no target to send to")  # pragma: no cover - targets always holds the choice
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response | None:

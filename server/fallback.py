@@ -1,0 +1,38 @@
+"""Cross-model fallback: when the model a policy chose fails before anything reached the client, the request
+goes to the policy's next candidate by its own ranking (at most `server.max_fallbacks` of them)."""
+
+from __future__ import annotations
+
+import logging
+
+from server.accounting import Exchange
+from server.errors import GatewayError
+from server.routing import Selection
+from server.state import GatewayState
+from server.workers import WorkerRegistry
+
+log = logging.getLogger("turnout.fallback")
+
+#: Worker failures that send a request to the next candidate (before anything reached the client).
+FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
+
+
+def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: int) -> list[str]:
+    """The targets to try in order: the decision's choice, then (when a policy ranked candidates) the next
+    ones by its own ranking that have a usable worker, at most `max_fallbacks` of them."""
+    if sel.decision is None or sel.affinity:
+        return [sel.target]
+    rest = [name for name in sel.decision.fallbacks() if name != sel.target and registry.usable(name)]
+    return [sel.target, *list(dict.fromkeys(rest))[:max_fallbacks]]
+
+
+def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, to: str) -> None:
+    """Record that `ex`'s worker failed before its first byte and the request moves on to target `to`."""
+    to_model = registry.resolve(to)[0].model
+    assert ex.worker is not None and ex.model is not None
+    if gw.metrics.enabled:
+        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
+        gw.metrics.fallbacks.labels(ex.policy or "", ex.model, to_model, err.status_label()).inc()
+    ex.fallback_from.append(ex.model)
+    log.warning("request %s: worker %s failed before its first byte (%s); falling back to %s",
+                ex.request_id, ex.worker, err.log_message(), to_model)
