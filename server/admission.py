@@ -32,6 +32,11 @@ async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, b
     adm = await gw.limits.admit(key, worst_tokens(body))
 
     def settle(done: Exchange) -> None:
+        if done.cost_usd is None and done.worker is not None and done.status in UNMETERED:
+            # The worker may have generated without reporting usage (a stream cut before its usage chunk, a
+            # client gone mid-answer): charge the worst case held, never less than what may have been spent.
+            gw.spawn(gw.limits.settle(adm, adm.usd_held, adm.tokens_held or None))
+            return
         used = (done.prompt_tokens or 0) + (done.completion_tokens or 0)
         gw.spawn(gw.limits.settle(adm, done.cost_usd, used))
 
@@ -40,10 +45,18 @@ async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, b
     return adm
 
 
+#: Outcomes after which a worker may have generated tokens it did not report.
+UNMETERED = frozenset({"ok", "stream_error", "client_disconnect"})
+
+
 def _max_out(body: dict[str, Any]) -> int:
-    out = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    n = body.get("n") or 1
-    return int(out) * int(n)
+    """The most answer tokens: the larger of max_tokens and max_completion_tokens (engines differ on which
+    wins), for each of n answers to each prompt of a batched completion."""
+    out = max(int(body.get("max_tokens") or 0), int(body.get("max_completion_tokens") or 0))
+    n = int(body.get("n") or 1)
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return out * n * prompts
 
 
 def worst_tokens(body: dict[str, Any]) -> int:

@@ -13,7 +13,7 @@ import orjson
 
 from server.config import KeyConfig
 from server.keys import KeyBook, KeyRecord, hash_key, new_key, unauthorized
-from server.shared import StoreGuard
+from server.shared import StoreGuard, state_unavailable
 from server.store import Store
 
 KEY_PREFIX = "turnout:key:"
@@ -60,37 +60,48 @@ async def revoke_key(store: Store, name: str) -> bool:
 
 async def authenticate(book: KeyBook, guard: StoreGuard, stored: StoredKeys,
                        authorization: str | None) -> KeyRecord | None:
-    """The client's key: None when auth is off; from the YAML, else from the store; 401 when unknown. A store
-    that cannot be asked counts as limits being unavailable (fail open: only YAML keys work meanwhile)."""
+    """The client's key: None when auth is off; from the YAML, else from the store; 401 when unknown. While the
+    store is away a stored key cannot be told from a wrong one: 503 (YAML keys keep working)."""
     if not book.enabled:
         return None
     digest = book.digest_of(authorization)
     record = book.by_hash.get(digest)
     if record is None:
-        record, _ = await guard.run("key_lookup", lambda s: stored.find(s, digest), critical=True)
+        hit, record = stored.cached(digest)
+        if not hit:
+            record, local = await guard.run("key_lookup", lambda s: stored.fetch(s, digest), critical=True)
+            if local:
+                raise state_unavailable()
+            stored.remember(digest, record)
     if record is None:
         raise unauthorized("Incorrect API key provided.")
     return record
 
 
 class StoredKeys:
-    """Looks presented keys up in the store, remembering each answer for `CACHE_S`."""
+    """Stored keys looked up by hash, each answer remembered for `CACHE_S`."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
 
-    async def find(self, store: Store, digest: str) -> KeyRecord | None:
-        """The stored key with this SHA-256, or None."""
-        now = time.monotonic()
+    def cached(self, digest: str) -> tuple[bool, KeyRecord | None]:
+        """(True, the record or None) when a fresh answer is remembered; (False, None) otherwise."""
         hit = self._cache.get(digest)
-        if hit is not None and now - hit[0] < CACHE_S:
-            return hit[1]
-        raw = await store.get(KEY_PREFIX + digest)
-        record = None
-        if raw:
-            rules = KeyConfig.model_validate(orjson.loads(raw))
-            record = KeyRecord(rules.name, digest, rules)
+        if hit is not None and time.monotonic() - hit[0] < CACHE_S:
+            return True, hit[1]
+        return False, None
+
+    def remember(self, digest: str, record: KeyRecord | None) -> None:
+        """Remember what the shared store said about this hash."""
         if len(self._cache) > 10_000:  # random bad keys must not grow this without bound
             self._cache.clear()
-        self._cache[digest] = (now, record)
-        return record
+        self._cache[digest] = (time.monotonic(), record)
+
+    @staticmethod
+    async def fetch(store: Store, digest: str) -> KeyRecord | None:
+        """The stored key with this SHA-256, or None."""
+        raw = await store.get(KEY_PREFIX + digest)
+        if not raw:
+            return None
+        rules = KeyConfig.model_validate(orjson.loads(raw))
+        return KeyRecord(rules.name, digest, rules)

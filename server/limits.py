@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
 import math
@@ -27,18 +28,31 @@ import orjson
 from server.errors import GatewayError
 from server.keys import KeyRecord
 from server.shared import StoreGuard
-from server.store import Store
+from server.store import Store, StoreUnavailable
 
 log = logging.getLogger("turnout.limits")
 T = TypeVar("T")
 WINDOW_S = 60.0
+#: Settles of shared holds are retried with backoff (1, 2, 4... s, at most 30 s apart) this many times.
+SETTLE_ATTEMPTS = 8
 # A prompt's tokens are at most its bytes as JSON (each token of text covers at least one byte, and the JSON
 # punctuation around each message outweighs the chat template's few tokens per message).
 
 
+#: What one non-text content part (an image, audio) may cost in prompt tokens: its bytes say nothing about it.
+MEDIA_PART_TOKENS = 16_384
+
+
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
-    """An upper bound on the prompt's tokens: the bytes of its messages (or prompt) as JSON."""
-    return len(orjson.dumps(body.get("messages") if "messages" in body else body.get("prompt")))
+    """An upper bound on the prompt's tokens: the bytes as JSON of everything the chat template renders into it
+    (messages or prompt, tools, functions, response format), plus `MEDIA_PART_TOKENS` per non-text part."""
+    parts = {k: body[k] for k in ("messages", "prompt", "tools", "functions", "response_format") if k in body}
+    media = 0
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            media += sum(1 for p in content if isinstance(p, dict) and p.get("type") not in (None, "text"))
+    return len(orjson.dumps(parts)) + media * MEDIA_PART_TOKENS
 
 
 def period(kind: str, now: float) -> tuple[str, float]:
@@ -71,7 +85,9 @@ class Admission:
     usd_held: float = 0.0
     budget_ttl_s: float = 0.0
     remaining_usd: float | None = None  # the key's budget left when the request was admitted
-    local: bool = False  # held on the replica's own store while the shared one was away
+    admitted_at: float = 0.0  # when its windows were counted: a token correction goes to that same minute
+    local: bool = False  # windows counted on the replica's own store while the shared one was away
+    budget_local: bool = False  # budget held on the replica's own store
 
 
 class Limits:
@@ -96,6 +112,7 @@ class Limits:
         budget_key = self._budget_key(key)[0] if c.budget_usd is not None else None
         if not windows and budget_key is None:
             return adm
+        adm.admitted_at = time.time()
         (failed, wait, state), adm.local = await self._run(
             "admit", lambda s: s.admit(windows, WINDOW_S, budget_key))
         if failed is not None:
@@ -126,7 +143,8 @@ class Limits:
         budget = c.budget_usd
         key, left = self._budget_key(adm.key)
         ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
-        ok, adm.local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl), adm.local)
+        ok, adm.budget_local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl),
+                                               adm.local)
         if not ok:
             self.metrics.limited.labels(adm.key.name, "budget").inc()
             raise too_many(f"Key '{adm.key.name}' has not enough budget left this {c.budget_period} for this "
@@ -134,15 +152,28 @@ class Limits:
         adm.budget_key, adm.usd_held, adm.budget_ttl_s = key, worst_usd, ttl
 
     async def settle(self, adm: Admission, cost_usd: float | None, tokens: int | None) -> None:
-        """Release the holds and charge what the request actually used (nothing for a failed request that
-        reported no usage). Never raises: a failed settle is logged and counted."""
-        try:
-            if adm.budget_key is not None:
-                key, held, actual, ttl = adm.budget_key, adm.usd_held, cost_usd or 0.0, adm.budget_ttl_s
-                await self._run("settle", lambda s: s.settle(key, held, actual, ttl), adm.local)
-            if adm.tokens_held and tokens is not None and tokens != adm.tokens_held:
-                delta = tokens - adm.tokens_held
-                await self._run("window_adjust", lambda s: s.window_adjust(
-                    f"turnout:tpm:{adm.key.name}", delta, WINDOW_S), adm.local)
-        except GatewayError:
-            log.warning("could not settle key %s's request; its hold lapses with the period", adm.key.name)
+        """Release the holds and charge what the request actually used, on the store each was made on. A hold
+        made on the shared store is settled there, retried for a while if it is away (settling it on this
+        replica's own store would leave the shared hold in place until the period ends). Never raises."""
+        if adm.budget_key is not None:
+            key, held, actual, ttl = adm.budget_key, adm.usd_held, cost_usd or 0.0, adm.budget_ttl_s
+            await self._on_same_store("settle", adm.budget_local, lambda s: s.settle(key, held, actual, ttl))
+        if adm.tokens_held and tokens is not None and tokens != adm.tokens_held:
+            delta, name, at = tokens - adm.tokens_held, f"turnout:tpm:{adm.key.name}", adm.admitted_at
+            await self._on_same_store("window_adjust", adm.local,
+                                      lambda s: s.window_adjust(name, delta, WINDOW_S, at=at))
+
+    async def _on_same_store(self, op: str, local: bool, fn: Callable[[Store], Awaitable[None]]) -> None:
+        if local:
+            await fn(self.guard.local)
+            return
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                await fn(self.guard.store)
+                return
+            except StoreUnavailable as exc:
+                self.metrics.store_errors.labels(op).inc()
+                log.warning("%s failed (%s); attempt %d of %d", op, exc, attempt + 1, SETTLE_ATTEMPTS)
+                await asyncio.sleep(min(30.0, 2.0 ** attempt))
+        log.error("%s gave up after %d attempts: the shared hold lapses with the budget period", op,
+                  SETTLE_ATTEMPTS)

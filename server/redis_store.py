@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.store import Budget, StoreUnavailable, window_key
@@ -99,14 +98,13 @@ class RedisStore:
                  clock: Callable[[], float] = time.time) -> None:
         # A blocking pool: a burst of requests waits (at most `timeout_s`) for a free connection instead of
         # failing at once when all `max_connections` are busy.
+        # After Redis restarts, every pooled connection is dead. A connection idle for more than a second is
+        # checked with a PING before use, so a restart after a quiet spell costs nothing. Failed commands are
+        # never retried: the scripts are not idempotent, and a reserve or settle run twice would be wrong.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, health_check_interval=10)
-        # After Redis restarts, every pooled connection is dead and its next command fails once: retry that
-        # once on a fresh connection rather than count it as an outage. Timeouts are not retried (a hung Redis
-        # would double every wait).
-        self.client: aioredis.Redis = aioredis.Redis(
-            connection_pool=pool, retry=Retry(NoBackoff(), retries=1), retry_on_error=[RedisConnectionError])
+            socket_connect_timeout=timeout_s, health_check_interval=1)
+        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), retries=0))
         self.clock = clock
         self._window_add = self.client.register_script(_WINDOW_ADD)
         self._reserve = self.client.register_script(_RESERVE)
@@ -126,9 +124,13 @@ class RedisStore:
             keys=[wkey], args=[repr(amount), repr(limit), _ms(left + 1)]))
         return None if int(got) < 0 else int(got) / 1000
 
-    async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
+    async def window_adjust(self, key: str, amount: float, window_s: float, at: float | None = None) -> None:
         """See `Store.window_adjust`."""
-        wkey, left = window_key(key, window_s, self.clock())
+        now = self.clock()
+        wkey, left = window_key(key, window_s, now if at is None else at)
+        left -= now - (now if at is None else at)  # the window's time left from now
+        if left + 1 <= 0:
+            return  # that window is over (and expired): nothing left to correct
 
         async def op() -> None:
             async with self.client.pipeline(transaction=True) as pipe:

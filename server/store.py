@@ -47,8 +47,9 @@ class Store(Protocol):
         and the seconds until the window ends are returned."""
         ...
 
-    async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
-        """Add `amount` (negative allowed) to the current window's total without a check (token corrections)."""
+    async def window_adjust(self, key: str, amount: float, window_s: float, at: float | None = None) -> None:
+        """Add `amount` (negative allowed) without a check to the total of the window holding time `at` (default:
+        now): a token correction belongs to the minute the tokens were counted in."""
         ...
 
     async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
@@ -123,6 +124,7 @@ class MemoryStore:
     max_entries: int = 1_000_000
     _data: dict[str, _Entry] = field(default_factory=dict)
     _values: dict[str, None] = field(default_factory=dict)  # keys of put/claim values, oldest first
+    _writes: int = 0
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._data.get(key)
@@ -132,8 +134,9 @@ class MemoryStore:
         return entry
 
     def _sweep(self) -> None:
-        # Expired windows and holds would otherwise pile up; a sweep per few thousand writes is cheap.
-        if len(self._data) % 4096 == 0:
+        # Expired windows, holds and values would otherwise pile up; a sweep per few thousand writes is cheap.
+        self._writes += 1
+        if self._writes % 4096 == 0:
             now = self.clock()
             for k in [k for k, e in self._data.items() if e.expires <= now]:
                 del self._data[k]
@@ -150,12 +153,16 @@ class MemoryStore:
         self._sweep()
         return None
 
-    async def window_adjust(self, key: str, amount: float, window_s: float) -> None:
+    async def window_adjust(self, key: str, amount: float, window_s: float, at: float | None = None) -> None:
         """See `Store.window_adjust`."""
-        wkey, left = window_key(key, window_s, self.clock())
+        now = self.clock()
+        wkey, left = window_key(key, window_s, now if at is None else at)
+        if left + 1 <= now - (now if at is None else at):
+            return  # that window is over: nothing left to correct
         entry = self._live(wkey)
         total = float(entry.value) if entry is not None else 0.0  # type: ignore[arg-type]
-        self._data[wkey] = _Entry(total + amount, self.clock() + left + 1)
+        self._data[wkey] = _Entry(total + amount, (now if at is None else at) + left + 1)
+        self._sweep()
 
     async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
                     budget_key: str | None) -> tuple[int | None, float, Budget]:
@@ -175,6 +182,7 @@ class MemoryStore:
         if state.spent + state.held + amount > budget:
             return False
         self._data[key] = _Entry(Budget(state.spent, state.held + amount), self.clock() + ttl_s)
+        self._sweep()
         return True
 
     async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:

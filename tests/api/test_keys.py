@@ -111,3 +111,23 @@ async def test_budget_is_held_at_worst_case_and_spent_at_actual(fakes: dict[str,
         assert state.held == pytest.approx(0.0, abs=1e-12)
         assert state.spent == pytest.approx(spent, rel=1e-9) and state.spent <= 0.00002
         assert ok > 0
+
+
+async def test_an_answer_without_usage_is_charged_its_whole_hold(fakes: dict[str, Upstream], fake_reset: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
+    async with gateway_in_process(keyed_config(fakes, budget_usd=1.0)) as gw:
+        team = client_for(gw, "tk-team")
+        stream = await team.chat.completions.create(model="small", messages=HI, max_tokens=10, stream=True,
+                                                    extra_body={"fake": {"no_usage": True}})
+        async for _ in stream:
+            pass
+        await asyncio.sleep(0.05)  # the settle runs once the response is out
+        store = gw.app.state.gateway.store
+        (key,) = [k for k in store._data if k.startswith("turnout:budget:team:")]
+        state = await store.budget(key)
+    # Nothing says what the worker generated: the worst case held is what is spent.
+    assert state.held == pytest.approx(0.0, abs=1e-15) and state.spent > 0
+    from server.limits import prompt_tokens_bound
+    worst = (prompt_tokens_bound({"messages": HI}) * 0.1 + 10 * 0.2) / 1e6
+    assert state.spent == pytest.approx(worst, rel=1e-9)
