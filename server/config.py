@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -219,9 +220,11 @@ class TurnoutConfig(_Model):
     auth: AuthConfig = AuthConfig()
     state: StateConfig = StateConfig()
 
+    @cached_property
     def reference(self) -> tuple[str, Price]:
         """The model savings are counted against, and its price: `server.reference_model`, else the dearest model
-        (by the sum of its input and output prices; the first configured on a tie)."""
+        (by the sum of its input and output prices; the first configured on a tie). Computed once per config:
+        every request reads it."""
         if self.server.reference_model is not None:
             ref = next(w for w in self.workers if w.model == self.server.reference_model)
         else:

@@ -129,7 +129,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(schema, body)
         ex.stream = bool(req.stream)
-        ex.reference_price = live.config.reference()[1]
+        ex.reference_price = live.config.reference[1]
         if live.config.server.log_prompts:
             ex.prompt_log = body.get("messages") if kind == "chat" else body.get("prompt")
             ex.completion_parts = []

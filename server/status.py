@@ -71,7 +71,7 @@ class StatusBook:
 
     def snapshot(self, live: Live) -> dict[str, Any]:
         """What the status page shows, as JSON-ready data."""
-        ref_model, _ = live.config.reference()
+        ref_model, _ = live.config.reference
         cost = sum(t.cost_usd for t in self.models.values())
         ref = sum(t.reference_cost_usd for t in self.models.values())
         policies: dict[str, dict[str, int]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,16 @@ __all__ = ["ManagedProcess", "free_port"]
 
 _TAIL_LINES = 40
 _TERM_WAIT_S = 10.0
+
+
+def system_binary(name: str) -> str:
+    """The path of a system program the tests run for real; fails the test, saying how to get it, when missing."""
+    import pytest  # only tests call this; loadtest imports this module without pytest's plugins
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: `make test` installs it (deploy/scripts/system-packages.sh)")
+    return found
 
 
 def free_port() -> int:

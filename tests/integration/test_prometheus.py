@@ -31,7 +31,7 @@ from rich.console import Console
 from routers.commands import run_train
 from tests.conftest import Upstream, serve_gateway
 from tests.integration.test_live_vs_offline import CHEAP, STRONG, two_model_table
-from tests.procs import ManagedProcess, free_port
+from tests.procs import ManagedProcess, free_port, system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "turnout-rules.yml"
@@ -39,13 +39,6 @@ DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "turnout.json"
 PRICES = {"small": (0.1, 0.2), "big": (1.0, 3.0)}  # worker -> USD per 1M input, output tokens
 ADMIN_KEY = "prometheus-test-key"
 pytestmark = pytest.mark.timeout(600)
-
-
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        pytest.fail("prometheus is not installed: `make test` installs it (deploy/scripts/system-packages.sh)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def stack(fakes: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) 
         ],
     }))
     prom = ManagedProcess(
-        [prometheus_binary(), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+        [system_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         ready_url=f"http://127.0.0.1:{prom_port}/-/ready", log_path=tmp / "prometheus.log", timeout_s=60,
     )
@@ -247,9 +240,7 @@ def test_every_dashboard_and_rule_expression_returns_data(stack: dict[str, Any],
 
 
 def test_shipped_prometheus_config_and_rules_pass_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool (Debian's prometheus package) is missing: `make test` installs it")
+    promtool = system_binary("promtool")
     for args in (["check", "config", str(REPO / "deploy" / "prometheus" / "prometheus.yml")],
                  ["check", "rules", str(RULES)]):
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)

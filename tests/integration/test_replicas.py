@@ -114,12 +114,16 @@ def test_a_budget_for_100_requests_is_never_overspent_by_300_over_three_replicas
     assert spent <= 100 * cost * (1 + 1e-12)
 
 
-def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluster) -> None:
-    # The window is the calendar minute: start early enough in one that the burst cannot straddle two.
+def burst_in_one_minute(urls: list[str], key: str, n: int) -> list[httpx.Response]:
+    """`fire`, started early enough in a calendar minute (the limit's window) that the burst cannot straddle two."""
     left = 60 - time.time() % 60
     if left < 15:
         time.sleep(left + 0.5)
-    responses = asyncio.run(fire(cluster.urls, "tk-limited", 3 * RPM))
+    return asyncio.run(fire(urls, key, n))
+
+
+def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluster) -> None:
+    responses = burst_in_one_minute(cluster.urls, "tk-limited", 3 * RPM)
     codes = Counter(r.status_code for r in responses)
     assert codes == {200: RPM, 429: 2 * RPM}, codes
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in responses if r.status_code == 429)
@@ -192,10 +196,7 @@ def test_limits_hold_again_after_redis_returns(fakes: dict[str, Upstream], tmp_p
         # Recovery: each replica finds Redis back at its next request after its retry interval.
         time.sleep(1.2)
         asyncio.run(fire(cluster.urls, "tk-budgeted", 2 * REPLICAS))
-        left = 60 - time.time() % 60
-        if left < 15:
-            time.sleep(left + 0.5)
-        responses = asyncio.run(fire(cluster.urls, "tk-limited", 3 * RPM))
+        responses = burst_in_one_minute(cluster.urls, "tk-limited", 3 * RPM)
         codes = Counter(r.status_code for r in responses)
         # The window restarted with the empty Redis; replicas that had fallen back to their own state for the
         # `limited` key count on Redis again, so the total is exact once more.

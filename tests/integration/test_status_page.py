@@ -21,24 +21,17 @@ import openai
 import pytest
 
 from tests.conftest import Upstream, fake_config, serve_gateway
-from tests.procs import free_port
+from tests.procs import free_port, system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "loadtest" / "results" / "status_page.png"
 pytestmark = pytest.mark.timeout(300)
 
 
-def chromium() -> str:
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.fail("chromium is not installed: `make test` installs it (deploy/scripts/system-packages.sh)")
-    return found
-
-
 def headless(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
     """Run headless Chromium once. `--virtual-time-budget` lets the page's script (and its fetch) finish
     before the DOM is dumped or the screenshot taken. Root in a container needs `--no-sandbox`."""
-    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    cmd = [system_binary("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
            "--virtual-time-budget=5000", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=True)
 

@@ -146,10 +146,10 @@ def test_reference_model_defaults_to_the_dearest_and_must_exist() -> None:
     raw = yaml.safe_load(ISSUE_EXAMPLE)
     raw["workers"].append({"name": "big", "model": "big-lm", "base_url": "http://127.0.0.1:8092/v1",
                            "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}})
-    model, price = parse_config(raw).reference()
+    model, price = parse_config(raw).reference
     assert model == "big-lm" and price.cost_usd(1_000_000, 0) == 1.0
     raw["server"] = {"reference_model": "gemma3-270m"}
-    assert parse_config(raw).reference()[0] == "gemma3-270m"
+    assert parse_config(raw).reference[0] == "gemma3-270m"
     raw["server"] = {"reference_model": "gpt-9", "max_fallbacks": -1}
     with pytest.raises(ConfigError) as err:
         parse_config(raw)

@@ -37,7 +37,7 @@ def live() -> Live:
 def exchange(model: str, policy: str, pt: int, ct: int, status: str = "ok") -> Exchange:
     cfg = parse_config(CONFIG)
     ex = Exchange(request_id="r", endpoint="chat", policy=policy, model=model, worker=model, status=status)
-    ex.reference_price = cfg.reference()[1]
+    ex.reference_price = cfg.reference[1]
     ex.set_usage({"prompt_tokens": pt, "completion_tokens": ct}, cfg.workers[0 if model == "s" else 1].price)
     ex.decision = RoutingDecision(chosen=model, ranking=(CandidateScore(name=model, score=1.0),), reason="r",
                                   policy=policy)
