@@ -1,9 +1,9 @@
-"""Gateway overhead over N non-streaming requests through the fake worker, side by side with direct calls,
-with Prometheus metrics on and off.
+"""Gateway overhead over N non-streaming requests through the fake worker, side by side with direct calls:
+metrics on and off, and per-key limits on the memory store and on Redis.
 
-Reports the gateway's own `x-turnout-overhead-ms` (time in the gateway excluding the wait on the worker)
-and the client-side latency direct to the worker and through two gateways (metrics recorded, and not),
-measured in one run.
+Reports the gateway's own `x-turnout-overhead-ms` (time in the gateway excluding the wait on the worker),
+the client-side latency direct to the worker and through the four gateways, and each gateway's CPU per
+request, measured in one run.
 
     python -m loadtest.overhead --requests 1000 [--concurrency 8] [--out loadtest/results/overhead]
 """
@@ -74,8 +74,8 @@ async def run_load(base_url: str, n: int, concurrency: int, model: str) -> tuple
 
 BENCH_KEY = "tk-bench"
 #: Each arm's config changes. "limits" arms authenticate a key with a per-minute limit and a budget (large
-#: enough never to refuse), so every request does the store's work: a window check, a budget read, a hold, a
-#: settle, and its feedback record.
+#: enough never to refuse), so every request does the store's work: its admission (window, budget read and
+#: hold), its feedback record and its settle.
 ARMS: dict[str, dict[str, Any]] = {
     "metrics on": {},
     "metrics off": {"server": {"metrics": False}},

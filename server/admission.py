@@ -1,24 +1,25 @@
 """A keyed request's admission: what the key may use (403), its per-minute limits (429), its budget's worst-case
-hold, and the settle when the request ends. The numbers behind it are in `server.limits`."""
+hold (made before routing, so routing can keep to what fits; trimmed once the model is chosen), and the settle
+when the request ends: one round trip to the store on the request's path. The numbers are in `server.limits`."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from server.accounting import Exchange
-from server.config import Price
 from server.keys import KeyRecord, forbidden
 from server.limits import Admission, prompt_tokens_bound
 from server.protocol import RouteOptions
-from server.routing import RouteInput, explicit_policy
+from server.routing import RouteInput, candidate_targets, explicit_policy
 from server.state import GatewayState, Live
 
 
 async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
                 ex: Exchange) -> Admission:
-    """Check what the key may use (403) and count the request against its per-minute limits (429); arrange
-    for its holds to be settled when it ends."""
+    """Check what the key may use (403), count the request against its per-minute limits and hold its
+    worst-case cost against its budget (429); arrange for both to be settled when it ends."""
     policy = live.table.policy_for(inp.model, explicit_policy(inp))
     if policy is not None and not key.allows_policy(policy):
         raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
@@ -29,7 +30,13 @@ async def admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, b
             body.get("max_tokens") or body.get("max_completion_tokens")):
         # A worst case needs a bound on the answer: without one a request could spend past the budget.
         body["max_tokens"] = live.config.server.default_max_tokens
-    adm = await gw.limits.admit(key, worst_tokens(body))
+    worst: dict[str, float] = {}
+    if c.budget_usd is not None:
+        prompt, out = prompt_tokens_bound(body), _max_out(body)
+        worst = {t: live.registry.resolve(t)[0].config.price.cost_usd(prompt, out)
+                 for t in candidate_targets(live.table, live.registry, inp)}
+    adm = await gw.limits.admit(key, worst_tokens(body), worst)
+    adm.worst_usd = worst
 
     def settle(done: Exchange) -> None:
         if done.cost_usd is None and done.worker is not None and done.status in UNMETERED:
@@ -64,27 +71,28 @@ def worst_tokens(body: dict[str, Any]) -> int:
     return prompt_tokens_bound(body) + _max_out(body)
 
 
-def worst_cost_usd(body: dict[str, Any], prices: list[Price]) -> float:
-    """The most the request can cost on any of the models it may go to (fallbacks included)."""
-    return max(p.cost_usd(prompt_tokens_bound(body), _max_out(body)) for p in prices)
-
-
-def budget_route_input(inp: RouteInput, left: float | None) -> RouteInput:
-    """With what is left of the key's budget, a cost-aware policy prefers a model whose expected cost fits."""
-    if left is None or left <= 0:
+def within_budget(inp: RouteInput, adm: Admission) -> RouteInput:
+    """Routing within what the key's budget allows: only the candidates whose worst case fits the hold, and
+    for a cost-aware policy an expected cost no more than what was left of the budget."""
+    if adm.remaining_usd is None:
         return inp
-    cap = min(left, inp.options.max_cost_usd or left) if inp.options else left
-    opts = inp.options.model_copy(update={"max_cost_usd": cap}) if inp.options else RouteOptions(max_cost_usd=cap)
-    return dataclasses.replace(inp, options=opts)
+    opts = inp.options or RouteOptions()
+    update: dict[str, Any] = {}
+    fits = [t for t, usd in adm.worst_usd.items() if usd <= adm.usd_held]
+    if len(fits) < len(adm.worst_usd):
+        update["candidates"] = fits
+    if adm.remaining_usd > 0:
+        update["max_cost_usd"] = min(adm.remaining_usd, opts.max_cost_usd or adm.remaining_usd)
+    return dataclasses.replace(inp, options=opts.model_copy(update=update)) if update else inp
 
 
-async def hold_for(gw: GatewayState, live: Live, adm: Admission, body: dict[str, Any], targets: list[str]) -> list[str]:
-    """Hold the worst case over the targets (the choice and its fallbacks) and return the targets kept: with a
-    budget, fallbacks only to models whose worst case fits what is left."""
-    def worst(t: str) -> float:
-        return worst_cost_usd(body, [live.registry.resolve(t)[0].config.price])
-
-    if adm.remaining_usd is not None:
-        targets = [t for i, t in enumerate(targets) if i == 0 or worst(t) <= adm.remaining_usd]
-    await gw.limits.hold(adm, max(worst(t) for t in targets))
-    return targets
+def keep_within_hold(gw: GatewayState, adm: Admission, targets: list[str]) -> list[str]:
+    """The targets (the choice, then its fallbacks) whose worst case fits the hold; the part of the hold that
+    none of them can cost is given back (off the request's path)."""
+    if adm.budget_key is None:
+        return targets
+    kept = [t for i, t in enumerate(targets) if i == 0 or adm.worst_usd.get(t, math.inf) <= adm.usd_held]
+    excess = adm.usd_held - max(adm.worst_usd.get(t, adm.usd_held) for t in kept)
+    if excess > 0:
+        gw.spawn(gw.limits.release(adm, excess))
+    return kept

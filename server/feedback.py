@@ -27,7 +27,7 @@ class FeedbackRecord:
     chosen: str
     features: list[float] | None = None  # a bandit's feature vector for this request
     arm: int | None = None
-    cost_usd: float | None = None
+    cost_usd: float | None = None  # a bandit's: written again with the cost when the request ends
 
 
 class FeedbackBook:
@@ -48,13 +48,6 @@ class FeedbackBook:
         """Remember a routed request."""
         await self.put(request_id, self.make_record(request_id, router, policy, version, chosen))
 
-    async def set_cost(self, request_id: str, cost_usd: float | None) -> None:
-        """Note what the request cost (the bandit's reward uses it), reading the record back first."""
-        rec = await self._get(request_id)
-        if rec is not None and cost_usd is not None:
-            rec.cost_usd = cost_usd
-            await self.put(request_id, rec)
-
     async def give(self, request_id: str, score: float, routers: dict[str, Router]) -> tuple[str, str | None]:
         """Feed `score` to the policy that routed `request_id` (this replica's instance in `routers`).
         Returns ("accepted", policy), ("duplicate", policy) for a second score (ignored), or ("unknown", None)
@@ -71,8 +64,8 @@ class FeedbackBook:
             if isinstance(router, BanditRouter) and rec.features is not None and rec.arm is not None:
                 router.learn(np.asarray(rec.features), rec.arm, score, rec.cost_usd)
             else:
-                router.observe(RoutingOutcome(request_id=request_id, chosen=rec.chosen, ok=True,
-                                              cost_usd=rec.cost_usd, quality=score))
+                # Without the cost: the policy heard it when the request ended (a pacing policy would count it twice).
+                router.observe(RoutingOutcome(request_id=request_id, chosen=rec.chosen, ok=True, quality=score))
         return "accepted", rec.policy
 
     async def put(self, request_id: str, rec: FeedbackRecord) -> None:

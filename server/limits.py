@@ -3,10 +3,11 @@
 - Requests per minute and tokens per minute: fixed one-minute windows (aligned to the epoch, so every replica
   agrees on them). Tokens are counted at their worst case when the request is admitted (prompt upper bound +
   max_tokens, times n) and corrected to the actual usage when it ends.
-- Budgets: before a request is forwarded its worst-case cost (those tokens at the dearest price among the
-  models it may go to, fallbacks included) is held; when it ends the hold is released and the actual cost
-  spent. Holds and spend are checked and changed in one atomic step, so the sum of what was spent can never
-  pass the budget, however many replicas admit requests at once.
+- Budgets: when a request is admitted, the worst-case cost (those tokens at a model's prices) of the dearest
+  model it may go to that still fits the budget is held; routing then keeps to models that fit the hold, and
+  once the model and its fallbacks are known the excess is given back. When the request ends the hold is
+  released and the actual cost spent. Holds and spend are checked and changed in one atomic step, so the sum
+  of what was spent can never pass the budget, however many replicas admit requests at once.
 - Store unreachable (see `server.shared`): `fail_open` serves on this replica's own memory store (limits then
   hold per replica rather than in total); `fail_closed` answers 503.
 """
@@ -19,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ import orjson
 from server.errors import GatewayError
 from server.keys import KeyRecord
 from server.shared import StoreGuard
-from server.store import Store, StoreUnavailable
+from server.store import Hold, Store, StoreUnavailable
 
 log = logging.getLogger("turnout.limits")
 T = TypeVar("T")
@@ -84,10 +85,10 @@ class Admission:
     budget_key: str | None = None
     usd_held: float = 0.0
     budget_ttl_s: float = 0.0
-    remaining_usd: float | None = None  # the key's budget left when the request was admitted
+    remaining_usd: float | None = None  # the key's budget left when the request was admitted (before its hold)
+    worst_usd: dict[str, float] = field(default_factory=dict)  # each candidate target's worst-case cost
     admitted_at: float = 0.0  # when its windows were counted: a token correction goes to that same minute
-    local: bool = False  # windows counted on the replica's own store while the shared one was away
-    budget_local: bool = False  # budget held on the replica's own store
+    local: bool = False  # counted and held on the replica's own store while the shared one was away
 
 
 class Limits:
@@ -99,9 +100,10 @@ class Limits:
     async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:
         return await self.guard.run(op, fn, critical=True, local=local)
 
-    async def admit(self, key: KeyRecord, tokens: int) -> Admission:
-        """Count one request and its worst-case tokens against the key's per-minute limits (429 when over), and
-        read what is left of its budget: one round trip to the store."""
+    async def admit(self, key: KeyRecord, tokens: int, worst_usd: dict[str, float]) -> Admission:
+        """Count one request and its worst-case tokens against the key's per-minute limits, and hold against
+        its budget the dearest of `worst_usd` (each candidate target's worst-case cost) that fits: 429 when a
+        limit is reached or not even the cheapest fits. One round trip to the store."""
         adm = Admission(key)
         c = key.config
         windows: list[tuple[str, float, float]] = []
@@ -109,24 +111,34 @@ class Limits:
             windows.append((f"turnout:rpm:{key.name}", 1, c.requests_per_minute))
         if c.tokens_per_minute is not None:
             windows.append((f"turnout:tpm:{key.name}", tokens, c.tokens_per_minute))
-        budget_key = self._budget_key(key)[0] if c.budget_usd is not None else None
-        if not windows and budget_key is None:
+        hold: Hold | None = None
+        if c.budget_usd is not None and worst_usd:
+            budget_key, left = self._budget_key(key)
+            ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
+            hold = Hold(budget_key, tuple(sorted(set(worst_usd.values()), reverse=True)), c.budget_usd, ttl)
+        if not windows and hold is None:
             return adm
         adm.admitted_at = time.time()
-        (failed, wait, state), adm.local = await self._run(
-            "admit", lambda s: s.admit(windows, WINDOW_S, budget_key))
-        if failed is not None:
-            if windows[failed][0].startswith("turnout:rpm:"):
+        got, adm.local = await self._run("admit", lambda s: s.admit(windows, WINDOW_S, hold))
+        if got.window is not None:
+            if windows[got.window][0].startswith("turnout:rpm:"):
                 self.metrics.limited.labels(key.name, "requests_per_minute").inc()
                 raise too_many(f"Key '{key.name}' is over its limit of {c.requests_per_minute} requests per "
-                               "minute.", wait, "rate_limit_exceeded")
+                               "minute.", got.wait_s, "rate_limit_exceeded")
             self.metrics.limited.labels(key.name, "tokens_per_minute").inc()
             raise too_many(f"Key '{key.name}' is over its limit of {c.tokens_per_minute} tokens per minute "
-                           f"(this request may use up to {tokens}).", wait, "rate_limit_exceeded")
+                           f"(this request may use up to {tokens}).", got.wait_s, "rate_limit_exceeded")
+        if hold is not None:
+            left_usd = hold.budget - got.state.spent - got.state.held
+            if got.over_budget:
+                self.metrics.limited.labels(key.name, "budget").inc()
+                raise too_many(f"Key '{key.name}' has not enough budget left this {c.budget_period} for this "
+                               f"request (up to ${hold.amounts[-1]:.6f}; ${max(0.0, left_usd):.6f} left of "
+                               f"${hold.budget:g}).", self._budget_key(key)[1], "budget_exceeded")
+            adm.budget_key, adm.usd_held, adm.budget_ttl_s = hold.key, got.held, hold.ttl_s
+            adm.remaining_usd = left_usd
         if c.tokens_per_minute is not None:
             adm.tokens_held = tokens
-        if c.budget_usd is not None:
-            adm.remaining_usd = c.budget_usd - state.spent - state.held
         return adm
 
     @staticmethod
@@ -135,21 +147,14 @@ class Limits:
         pid, left = period(key.config.budget_period, time.time())
         return f"turnout:budget:{key.name}:{pid}", left
 
-    async def hold(self, adm: Admission, worst_usd: float) -> None:
-        """Hold the request's worst-case cost against the key's budget (429 when it does not fit)."""
-        c = adm.key.config
-        if c.budget_usd is None:
+    async def release(self, adm: Admission, amount: float) -> None:
+        """Give back `amount` of the request's hold (more than its targets can cost, once it is routed), on the
+        store it was made on. Never raises."""
+        if adm.budget_key is None or amount <= 0:
             return
-        budget = c.budget_usd
-        key, left = self._budget_key(adm.key)
-        ttl = left + 3600  # kept an hour past the period, for late settles and for inspection
-        ok, adm.budget_local = await self._run("reserve", lambda s: s.reserve(key, worst_usd, budget, ttl),
-                                               adm.local)
-        if not ok:
-            self.metrics.limited.labels(adm.key.name, "budget").inc()
-            raise too_many(f"Key '{adm.key.name}' has not enough budget left this {c.budget_period} for this "
-                           f"request (up to ${worst_usd:.6f}; budget ${budget:g}).", left, "budget_exceeded")
-        adm.budget_key, adm.usd_held, adm.budget_ttl_s = key, worst_usd, ttl
+        adm.usd_held -= amount
+        key, ttl = adm.budget_key, adm.budget_ttl_s
+        await self._on_same_store("release", adm.local, lambda s: s.settle(key, amount, 0.0, ttl))
 
     async def settle(self, adm: Admission, cost_usd: float | None, tokens: int | None) -> None:
         """Release the holds and charge what the request actually used, on the store each was made on. A hold
@@ -157,7 +162,7 @@ class Limits:
         replica's own store would leave the shared hold in place until the period ends). Never raises."""
         if adm.budget_key is not None:
             key, held, actual, ttl = adm.budget_key, adm.usd_held, cost_usd or 0.0, adm.budget_ttl_s
-            await self._on_same_store("settle", adm.budget_local, lambda s: s.settle(key, held, actual, ttl))
+            await self._on_same_store("settle", adm.local, lambda s: s.settle(key, held, actual, ttl))
         if adm.tokens_held and tokens is not None and tokens != adm.tokens_held:
             delta, name, at = tokens - adm.tokens_held, f"turnout:tpm:{adm.key.name}", adm.admitted_at
             await self._on_same_store("window_adjust", adm.local,

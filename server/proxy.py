@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from routers.base import RoutingOutcome
 from server.accounting import Exchange
-from server.admission import admit, budget_route_input, hold_for
+from server.admission import admit, keep_within_hold, within_budget
 from server.errors import (
     GatewayError,
     bad_request,
@@ -107,7 +107,7 @@ def apply_selection(gw: GatewayState, sel: Selection, ex: Exchange) -> None:
     gw.spawn(gw.feedback.put(ex.request_id, record))
 
     def tell_policy(done: Exchange) -> None:
-        if done.cost_usd is not None:  # the bandit's reward uses what the request cost
+        if done.cost_usd is not None and record.features is not None:  # a bandit's reward uses the cost
             record.cost_usd = done.cost_usd
             gw.spawn(gw.feedback.put(done.request_id, record))
         # The chosen model failed when the request had to fall back, whatever the fallback did.
@@ -138,7 +138,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
         adm = await admit(gw, live, key, inp, body, ex) if key is not None else None
         if adm is not None:
-            inp = budget_route_input(inp, adm.remaining_usd)
+            inp = within_budget(inp, adm)
         selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
         apply_selection(gw, selection, ex)
         wants_usage = False
@@ -149,7 +149,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
             body["stream_options"] = {**client_opts, "include_usage": True}
         targets = fallback_targets(selection, live.registry, live.config.server.max_fallbacks)
         if adm is not None:
-            targets = await hold_for(gw, live, adm, body, targets)
+            targets = keep_within_hold(gw, adm, targets)
         response = await _send(gw, live, request, path, body, ex, targets, wants_usage)
         if response is None:
             ex.status, ex.http_status = "client_disconnect", 499

@@ -8,6 +8,7 @@ timeout, and any Redis error becomes `StoreUnavailable`, so a dead or hung Redis
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from server.store import Budget, StoreUnavailable, window_key
+from server.store import Admitted, Budget, Hold, StoreUnavailable, window_key
 
 T = TypeVar("T")
 
@@ -35,42 +36,51 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return -1
 """
 
-# KEYS window keys (then the budget hash, if any); ARGV n windows, has budget, then amount, limit, ttl ms per
-# window. Returns {index of the first window that does not fit (0-based) or -1, its ttl ms, spent, held}.
+# KEYS window keys, then the budget hash if there is a hold. ARGV n windows, m hold amounts (0: no hold), budget,
+# budget ttl ms; then amount, limit, ttl ms per window; then the m amounts, dearest first. Returns {the index of
+# the first window that does not fit (0-based), -1 when admitted, or -2 when no amount fits the budget; that
+# window's ttl ms; spent and held before this request; the amount held}. Nothing is written unless admitted.
 _ADMIT = """
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if total + tonumber(ARGV[3 * i]) > tonumber(ARGV[3 * i + 1]) then
-    local ttl = redis.call('PTTL', KEYS[i])
-    if ttl < 0 then ttl = tonumber(ARGV[3 * i + 2]) end
-    local spent, held = '0', '0'
-    if ARGV[2] == '1' then
-      spent = redis.call('HGET', KEYS[n + 1], 'spent') or '0'
-      held = redis.call('HGET', KEYS[n + 1], 'held') or '0'
-    end
-    return {i - 1, ttl, spent, held}
-  end
-end
-for i = 1, n do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[3 * i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 2])
-end
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
 local spent, held = '0', '0'
-if ARGV[2] == '1' then
+if m > 0 then
   spent = redis.call('HGET', KEYS[n + 1], 'spent') or '0'
   held = redis.call('HGET', KEYS[n + 1], 'held') or '0'
 end
-return {-1, 0, spent, held}
+for i = 1, n do
+  local base = 4 + 3 * (i - 1)
+  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if total + tonumber(ARGV[base + 1]) > tonumber(ARGV[base + 2]) then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = tonumber(ARGV[base + 3]) end
+    return {i - 1, ttl, spent, held, '0'}
+  end
+end
+local hold = nil
+for j = 1, m do
+  local amount = ARGV[4 + 3 * n + j]
+  if tonumber(spent) + tonumber(held) + tonumber(amount) <= tonumber(ARGV[3]) then
+    hold = amount
+    break
+  end
+end
+if m > 0 and hold == nil then return {-2, 0, spent, held, '0'} end
+for i = 1, n do
+  local base = 4 + 3 * (i - 1)
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[base + 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[base + 3])
+end
+if hold ~= nil then
+  redis.call('HINCRBYFLOAT', KEYS[n + 1], 'held', hold)
+  redis.call('PEXPIRE', KEYS[n + 1], ARGV[4])
+end
+return {-1, 0, spent, held, hold or '0'}
 """
 
-# KEYS[1] budget hash {spent, held}; ARGV amount, budget, ttl ms. Returns 1 when held, 0 when it does not fit.
-_RESERVE = """
-local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
-local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0')
-if spent + held + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-redis.call('HINCRBYFLOAT', KEYS[1], 'held', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+# KEYS[1] window key; ARGV amount, ttl ms. A correction to a window's total, without a check.
+_WINDOW_ADJUST = """
+redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -89,6 +99,48 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+class _WriteBehind:
+    """Writes off the request's path (settles, token corrections, feedback records), sent together: every write
+    queued before the next turn of the event loop goes out in one pipeline. Each write is one command, and its
+    caller still awaits its own reply (or `StoreUnavailable`). Batching matters because each command costs the
+    gateway a fixed slice of CPU in redis-py, whatever it does, and a request ending queues two or three."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._pending: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.writes = self.batches = 0  # how well writes are batched, for tests and benchmarks
+
+    async def submit(self, add: Callable[[Any], Any]) -> Any:
+        """Queue one command (`add` puts it on a pipeline) and wait for its reply."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((add, fut))
+        if len(self._pending) == 1:  # the first of a batch starts the flush, which runs after this turn
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self.writes, self.batches = self.writes + len(batch), self.batches + 1
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for add, _ in batch:
+                    add(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            replies = [exc] * len(batch)
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, BaseException):
+                fut.set_exception(StoreUnavailable(f"redis write: {type(reply).__name__}: {reply}"))
+            else:
+                fut.set_result(reply)
+
+
 class RedisStore:
     """The shared store on Redis at `url`. `timeout_s` bounds every call (connect included)."""
 
@@ -100,16 +152,15 @@ class RedisStore:
         # failing at once when all `max_connections` are busy.
         # After Redis restarts, every pooled connection is dead. A connection idle for more than a second is
         # checked with a PING before use, so a restart after a quiet spell costs nothing. Failed commands are
-        # never retried: the scripts are not idempotent, and a reserve or settle run twice would be wrong.
+        # never retried: the scripts are not idempotent, and an admit or settle run twice would be wrong.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, health_check_interval=1)
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), retries=0))
         self.clock = clock
         self._window_add = self.client.register_script(_WINDOW_ADD)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._settle = self.client.register_script(_SETTLE)
         self._admit = self.client.register_script(_ADMIT)
+        self.later = _WriteBehind(self.client)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -125,47 +176,42 @@ class RedisStore:
         return None if int(got) < 0 else int(got) / 1000
 
     async def window_adjust(self, key: str, amount: float, window_s: float, at: float | None = None) -> None:
-        """See `Store.window_adjust`."""
+        """See `Store.window_adjust`. Sent with the other writes of this turn (see `_WriteBehind`)."""
         now = self.clock()
         wkey, left = window_key(key, window_s, now if at is None else at)
         left -= now - (now if at is None else at)  # the window's time left from now
         if left + 1 <= 0:
             return  # that window is over (and expired): nothing left to correct
-
-        async def op() -> None:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incrbyfloat(wkey, amount)
-                pipe.pexpire(wkey, _ms(left + 1))
-                await pipe.execute()
-
-        await self._call("window_adjust", op)
+        # EVAL with the script's text, not EVALSHA: nothing to reload after a Redis restart (Redis caches the
+        # compiled script by its hash either way).
+        await self.later.submit(lambda p: p.eval(_WINDOW_ADJUST, 1, wkey, repr(amount), _ms(left + 1)))
 
     async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
-                    budget_key: str | None) -> tuple[int | None, float, Budget]:
+                    hold: Hold | None) -> Admitted:
         """See `Store.admit`."""
         now = self.clock()
         keys: list[str] = []
-        args: list[Any] = [len(windows), 1 if budget_key else 0]
+        amounts = hold.amounts if hold else ()
+        args: list[Any] = [len(windows), len(amounts), repr(hold.budget) if hold else 0,
+                           _ms(hold.ttl_s) if hold else 0]
         for key, amount, limit in windows:
             wkey, left = window_key(key, window_s, now)
             keys.append(wkey)
             args += [repr(amount), repr(limit), _ms(left + 1)]
-        if budget_key:
-            keys.append(budget_key)
+        if hold:
+            keys.append(hold.key)
+            args += [repr(a) for a in amounts]
         got: Any = await self._call("admit", lambda: self._admit(keys=keys, args=args))
-        failed, ttl_ms = int(got[0]), int(got[1])
-        state = Budget(float(got[2]), float(got[3]))
-        return (None, 0.0, state) if failed < 0 else (failed, ttl_ms / 1000, state)
-
-    async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
-        """See `Store.reserve`."""
-        got: Any = await self._call("reserve", lambda: self._reserve(
-            keys=[key], args=[repr(amount), repr(budget), _ms(ttl_s)]))
-        return int(got) == 1
+        code, state = int(got[0]), Budget(float(got[2]), float(got[3]))
+        if code >= 0:
+            return Admitted(window=code, wait_s=int(got[1]) / 1000, state=state)
+        if code == -2:
+            return Admitted(over_budget=True, state=state)
+        return Admitted(state=state, held=float(got[4]))
 
     async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:
-        """See `Store.settle`."""
-        await self._call("settle", lambda: self._settle(keys=[key], args=[repr(held), repr(actual), _ms(ttl_s)]))
+        """See `Store.settle`. Sent with the other writes of this turn (see `_WriteBehind`)."""
+        await self.later.submit(lambda p: p.eval(_SETTLE, 1, key, repr(held), repr(actual), _ms(ttl_s)))
 
     async def budget(self, key: str) -> Budget:
         """See `Store.budget`."""
@@ -173,8 +219,8 @@ class RedisStore:
         return Budget(float(raw.get(b"spent", 0.0)), float(raw.get(b"held", 0.0)))
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        """See `Store.put`."""
-        await self._call("put", lambda: self.client.set(key, value, px=_ms(ttl_s)))
+        """See `Store.put`. Sent with the other writes of this turn (see `_WriteBehind`)."""
+        await self.later.submit(lambda p: p.set(key, value, px=_ms(ttl_s)))
 
     async def get(self, key: str) -> bytes | None:
         """See `Store.get`."""

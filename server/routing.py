@@ -161,6 +161,15 @@ def _candidates(router: Router, policy: str, options: RouteOptions | None, regis
     return available
 
 
+def candidate_targets(table: RoutingTable, registry: WorkerRegistry, inp: RouteInput) -> list[str]:
+    """The targets a request may go to before its policy decides: the policy's available candidates (or the
+    one worker or model named directly)."""
+    policy = table.policy_for(inp.model, explicit_policy(inp))
+    if policy is None:
+        return [inp.model]
+    return _candidates(table.routers[policy], policy, inp.options, registry)
+
+
 async def select(table: RoutingTable, registry: WorkerRegistry, embedding: EmbeddingService | None,
                  affinity: AffinityStore, inp: RouteInput, request_id: str, *, dry_run: bool = False) -> Selection:
     """Resolve the request's policy and ask it for a decision (and its shadow's).

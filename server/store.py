@@ -5,10 +5,11 @@ script, so concurrent replicas can never both pass a check that only one of them
 
 Operations:
 - `window_add`: a fixed-window counter with a limit (requests or tokens per minute). Admits exactly `limit`
-  per window across all replicas: the check and the increment are one step. `admit` does several windows
-  and reads a budget in one step (one round trip on the request's path).
-- `reserve` / `settle`: a budget of `budget` per period. `reserve` holds a request's worst-case cost if
-  spent + held + it fits; `settle` releases the hold and adds the actual cost. Spend can never pass the budget.
+  per window across all replicas: the check and the increment are one step.
+- `admit`: one request's whole admission in one step (the one round trip on its path): its windows, and a
+  hold against a budget of `budget` per period for the dearest of its candidate worst-case costs that fits
+  (spent + held + it <= budget). `settle` releases a hold (or part of one) and adds the actual cost. Spend
+  can never pass the budget.
 - `put` / `get` / `claim`: small values with a time to live (feedback context, affinity); `claim` sets a
   value only if absent (a second feedback score for one request is refused on every replica).
 - `hset_blob` / `hgetall_blobs`: one binary value per field of a hash (each replica's cumulative bandit
@@ -36,6 +37,32 @@ class Budget:
     held: float
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A budget hold to make at admission: the first of `amounts` (dearest first) that fits is held."""
+
+    key: str
+    amounts: tuple[float, ...]
+    budget: float
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What `Store.admit` did. When `window` is set or `over_budget` is true, nothing was counted or held."""
+
+    window: int | None = None  # the index of the first window that did not fit
+    wait_s: float = 0.0  # seconds until that window ends
+    over_budget: bool = False  # no amount fit what is left of the budget
+    state: Budget = Budget(0.0, 0.0)  # the budget as it was before this request
+    held: float = 0.0  # the amount held
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request was admitted."""
+        return self.window is None and not self.over_budget
+
+
 @runtime_checkable
 class Store(Protocol):
     """Atomic shared-state operations (see the module docstring). Every method may raise `StoreUnavailable`."""
@@ -53,14 +80,9 @@ class Store(Protocol):
         ...
 
     async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
-                    budget_key: str | None) -> tuple[int | None, float, Budget]:
-        """One request's admission in one step: each (key, amount, limit) window is counted if every one of them
-        fits (else none is, and the index of the first that does not and the seconds to its window's end are
-        returned), and the state of `budget_key` is read alongside."""
-        ...
-
-    async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
-        """Hold `amount` if spent + held + amount <= budget."""
+                    hold: Hold | None) -> Admitted:
+        """One request's admission in one step: every (key, amount, limit) window is counted and the first of
+        `hold.amounts` that fits the budget is held, or (when a window or the budget does not fit) nothing is."""
         ...
 
     async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:
@@ -165,25 +187,24 @@ class MemoryStore:
         self._sweep()
 
     async def admit(self, windows: Sequence[tuple[str, float, float]], window_s: float,
-                    budget_key: str | None) -> tuple[int | None, float, Budget]:
+                    hold: Hold | None) -> Admitted:
         """See `Store.admit`."""
+        state = await self.budget(hold.key) if hold else Budget(0.0, 0.0)
         for i, (key, amount, limit) in enumerate(windows):
             wkey, left = window_key(key, window_s, self.clock())
             entry = self._live(wkey)
             if (float(entry.value) if entry is not None else 0.0) + amount > limit:  # type: ignore[arg-type]
-                return i, left, await self.budget(budget_key) if budget_key else Budget(0.0, 0.0)
+                return Admitted(window=i, wait_s=left, state=state)
+        held = 0.0
+        if hold is not None:
+            fit = next((a for a in hold.amounts if state.spent + state.held + a <= hold.budget), None)
+            if fit is None:
+                return Admitted(over_budget=True, state=state)
+            held = fit
+            self._data[hold.key] = _Entry(Budget(state.spent, state.held + fit), self.clock() + hold.ttl_s)
         for key, amount, _ in windows:
             await self.window_adjust(key, amount, window_s)
-        return None, 0.0, await self.budget(budget_key) if budget_key else Budget(0.0, 0.0)
-
-    async def reserve(self, key: str, amount: float, budget: float, ttl_s: float) -> bool:
-        """See `Store.reserve`."""
-        state = await self.budget(key)
-        if state.spent + state.held + amount > budget:
-            return False
-        self._data[key] = _Entry(Budget(state.spent, state.held + amount), self.clock() + ttl_s)
-        self._sweep()
-        return True
+        return Admitted(state=state, held=held)
 
     async def settle(self, key: str, held: float, actual: float, ttl_s: float) -> None:
         """See `Store.settle`."""

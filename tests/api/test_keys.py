@@ -131,3 +131,44 @@ async def test_an_answer_without_usage_is_charged_its_whole_hold(fakes: dict[str
     from server.limits import prompt_tokens_bound
     worst = (prompt_tokens_bound({"messages": HI}) * 0.1 + 10 * 0.2) / 1e6
     assert state.spent == pytest.approx(worst, rel=1e-9)
+
+
+def budget_state(gw: InProcess) -> Any:
+    store = gw.app.state.gateway.store
+    (key,) = [k for k in store._data if k.startswith("turnout:budget:team:")]
+    return store.budget(key)
+
+
+async def test_a_budget_too_small_for_the_dear_model_routes_to_the_cheap_one(
+        fakes: dict[str, Upstream], fake_reset: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold is made before routing, for the dearest candidate that fits; routing keeps to the candidates
+    that fit it, and once the model is chosen the rest of the hold is given back."""
+    monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
+    from server.limits import prompt_tokens_bound
+    bound = prompt_tokens_bound({"messages": HI})
+    small, big = (bound * 0.1 + 10 * 0.2) / 1e6, (bound * 1.0 + 10 * 3.0) / 1e6
+    # Room for big's worst case once, then only for small's: `split` sends half of its requests to big.
+    async with gateway_in_process(keyed_config(fakes, budget_usd=big + 20 * small)) as gw:
+        team = client_for(gw, "tk-team")
+        # Held while it runs: the worst case of the model chosen (big fits at first), not more.
+        slow = asyncio.create_task(team.chat.completions.create(
+            model="turnout/split", messages=HI, max_tokens=10, extra_body={"fake": {"latency_ms": 300}}))
+        await asyncio.sleep(0.15)
+        held = (await budget_state(gw)).held
+        first = await slow
+        assert held == pytest.approx(big if first.model == "fake-big" else small, rel=1e-9)
+        models: list[str] = []
+        for _ in range(60):
+            try:
+                got = await team.chat.completions.create(model="turnout/split", messages=HI, max_tokens=10)
+            except openai.RateLimitError as err:
+                assert err.code == "budget_exceeded" and "left of" in err.message
+                break
+            models.append(got.model)
+            await asyncio.sleep(0.01)  # the settle runs once the response is out
+        state = await budget_state(gw)
+    assert state.spent <= big + 20 * small and state.held == pytest.approx(0.0, abs=1e-12)
+    # Once big's worst case no longer fit, every request went to small, however `split` would have chosen.
+    assert models.count("fake-small") >= 15, models
+    last_big = max((i for i, m in enumerate(models) if m == "fake-big"), default=-1)
+    assert all(m == "fake-small" for m in models[last_big + 1:]) and len(models) - last_big > 10

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.redis_store import RedisStore
-from server.store import MemoryStore, Store, StoreUnavailable
+from server.store import Hold, MemoryStore, Store, StoreUnavailable
 from tests.redis_server import RedisServer
 
 
@@ -42,9 +42,13 @@ async def test_window_admits_exactly_the_limit_under_concurrency(store: Store) -
     assert await store.window_add("tpm:k", 20, 100, 60) is None
 
 
+def hold(amounts: tuple[float, ...], budget: float = 3.0) -> Hold:
+    return Hold("b:k", amounts, budget, 60)
+
+
 async def test_budget_holds_never_overspend(store: Store) -> None:
-    got = await asyncio.gather(*(store.reserve("b:k", 0.3, 3.0, 60) for _ in range(50)))
-    assert sum(got) == 10
+    got = await asyncio.gather(*(store.admit([], 60, hold((0.3,))) for _ in range(50)))
+    assert sum(a.ok for a in got) == 10 and all(a.over_budget for a in got if not a.ok)
     state = await store.budget("b:k")
     assert state.held == pytest.approx(3.0) and state.spent == 0
     # Settling at less than the hold frees room; the spend is what was actually used.
@@ -52,7 +56,36 @@ async def test_budget_holds_never_overspend(store: Store) -> None:
         await store.settle("b:k", 0.3, 0.1, 60)
     state = await store.budget("b:k")
     assert state.spent == pytest.approx(1.0) and state.held == pytest.approx(0.0, abs=1e-9)
-    assert await store.reserve("b:k", 2.0, 3.0, 60) and not await store.reserve("b:k", 0.01, 3.0, 60)
+    assert (await store.admit([], 60, hold((2.0,)))).held == 2.0
+    assert (await store.admit([], 60, hold((0.01,)))).over_budget
+
+
+async def test_admit_holds_the_dearest_amount_that_fits(store: Store) -> None:
+    first = await store.admit([], 60, hold((2.5, 1.0, 0.25)))
+    assert first.held == 2.5 and first.state.held == 0
+    second = await store.admit([], 60, hold((2.5, 1.0, 0.25)))
+    assert second.held == 0.25 and second.state.held == pytest.approx(2.5), "only the cheapest fits the 0.5 left"
+    await store.settle("b:k", 2.0, 0.0, 60)  # part of a hold given back
+    assert (await store.budget("b:k")).held == pytest.approx(0.75)
+    # Not even the cheapest fits: refused, and the request's windows are not counted either.
+    refused = await store.admit([("rpm:k", 1, 10)], 60, hold((2.5, 2.4)))
+    assert refused.over_budget and not refused.ok and refused.state.held == pytest.approx(0.75)
+    assert (await store.admit([("rpm:k", 1, 1)], 60, None)).ok, "the refused request took no slot"
+
+
+async def test_writes_sent_together_each_get_their_reply(store: Store) -> None:
+    """Off-path writes (settles, token corrections, values) issued in one turn all land, concurrently."""
+    await store.admit([], 60, hold((0.01,) * 1, budget=100.0))
+    await asyncio.gather(*(store.admit([], 60, hold((0.01,), budget=100.0)) for _ in range(199)))
+    await asyncio.gather(*(store.settle("b:k", 0.01, 0.02, 60) for _ in range(200)),
+                         *(store.put(f"v:{i}", str(i).encode(), 60) for i in range(200)),
+                         *(store.window_adjust("tpm:k", 1, 60) for _ in range(200)))
+    state = await store.budget("b:k")
+    assert state.spent == pytest.approx(4.0) and state.held == pytest.approx(0.0, abs=1e-9)
+    assert [await store.get(f"v:{i}") for i in (0, 199)] == [b"0", b"199"]
+    assert await store.window_add("tpm:k", 800, 1000, 60) is None and await store.window_add("tpm:k", 1, 1000, 60)
+    if isinstance(store, RedisStore):
+        assert store.later.writes == 600 and store.later.batches < 10, "writes of one turn share a pipeline"
 
 
 async def test_values_claims_and_blob_hashes(store: Store) -> None:
@@ -79,7 +112,9 @@ async def test_a_dead_redis_is_reported_fast(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await store.window_add("k", 1, 10, 60)
     with pytest.raises(StoreUnavailable):
-        await store.reserve("b", 1, 10, 60)
+        await store.admit([], 60, Hold("b", (1.0,), 10, 60))
+    with pytest.raises(StoreUnavailable):  # a write sent with others
+        await asyncio.gather(store.settle("b", 1, 1, 60), store.put("v", b"x", 60))
     assert time.monotonic() - t < 5, "no call waits for a Redis that is gone"
     server.start()  # back on the same port: the pool reconnects by itself
     assert await store.window_add("k", 1, 10, 60) is None
@@ -88,16 +123,16 @@ async def test_a_dead_redis_is_reported_fast(tmp_path: Path) -> None:
 
 
 async def test_admit_counts_all_windows_or_none_and_reads_the_budget(store: Store) -> None:
-    await store.reserve("b:a", 0.25, 1.0, 60)
+    await store.admit([], 60, Hold("b:a", (0.25,), 1.0, 60))
     await store.settle("b:a", 0.25, 0.125, 60)
     windows = [("rpm:a", 1, 3), ("tpm:a", 40, 100)]
     for _ in range(2):
-        failed, wait, state = await store.admit(windows, 60, "b:a")
-        assert failed is None and wait == 0 and state.spent == pytest.approx(0.125) and state.held == 0
+        got = await store.admit(windows, 60, Hold("b:a", (0.0,), 1.0, 60))
+        assert got.ok and got.wait_s == 0 and got.state.spent == pytest.approx(0.125) and got.state.held == 0
     # The token window would pass 100: nothing is counted, the request count included.
-    failed, wait, _ = await store.admit(windows, 60, "b:a")
-    assert failed == 1 and 0 < wait <= 61
-    failed, _, _ = await store.admit([("rpm:a", 1, 3)], 60, None)
-    assert failed is None, "the refused admission left the request window at 2"
-    failed, _, state = await store.admit([("rpm:a", 1, 3)], 60, None)
-    assert failed == 0 and state.spent == 0
+    got = await store.admit(windows, 60, Hold("b:a", (0.0,), 1.0, 60))
+    assert got.window == 1 and 0 < got.wait_s <= 61 and got.state.spent == pytest.approx(0.125)
+    got = await store.admit([("rpm:a", 1, 3)], 60, None)
+    assert got.ok, "the refused admission left the request window at 2"
+    got = await store.admit([("rpm:a", 1, 3)], 60, None)
+    assert got.window == 0 and got.state.spent == 0

@@ -132,9 +132,10 @@ async def test_feedback_book() -> None:
     rec.version = "v1"
     routers: dict[str, Any] = {"rec": rec}
     await book.record("r1", rec, "rec", "v1", "a")
-    await book.set_cost("r1", 0.01)
     assert await book.give("r1", 0.7, routers) == ("accepted", "rec")
-    assert rec.seen[0].quality == 0.7 and rec.seen[0].cost_usd == 0.01
+    # A score carries no cost: the policy heard the cost when the request ended, and a pacing policy would
+    # otherwise count the spend twice.
+    assert rec.seen[0].quality == 0.7 and rec.seen[0].cost_usd is None
     assert await book.give("r1", 0.1, routers) == ("duplicate", "rec") and len(rec.seen) == 1
     assert await book.give("nope", 0.5, routers) == ("unknown", None)
     await book.record("r2", rec, "rec", "v1", "a")
