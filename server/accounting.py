@@ -58,6 +58,7 @@ class Exchange:
     key: str | None = None  # the client key's name (never the key)
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).
     fallback_from: list[str] = field(default_factory=list)
+    retries: int = 0  # re-sends to the same model after a failure before the first byte
     # Savings are counted against this price (the live config's reference model when the request started).
     reference_price: Price | None = None
     reference_cost_usd: float | None = None
@@ -104,6 +105,8 @@ class Exchange:
             out["x-turnout-shadow-model"] = self.shadow.chosen
         if self.fallback_from:
             out["x-turnout-fallback-from"] = ",".join(self.fallback_from)
+        if self.retries:
+            out["x-turnout-retries"] = str(self.retries)
         return out
 
     def set_usage(self, usage: Any, price: Price | None) -> None:
@@ -151,6 +154,7 @@ class Recorder:
                 "overhead_ms": round(ex.overhead_s(now) * 1000, 3),
                 "reference_cost_usd": ex.reference_cost_usd,
                 "fallback_from": ex.fallback_from or None,
+                "retries": ex.retries or None,
                 **_decision_log(ex),
                 **_text_log(ex),
             }).decode())

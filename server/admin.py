@@ -16,6 +16,7 @@ from starlette.responses import Response
 from routers.base import RoutingDecision
 from server.config import ConfigError, KeyConfig, field_path
 from server.errors import GatewayError, bad_request, error_response
+from server.hardening import check_limits
 from server.keys import forbidden
 from server.keystore import add_key, authenticate, list_keys, revoke_key
 from server.protocol import ChatCompletionRequest, validate_body
@@ -50,6 +51,7 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)
+        check_limits(body, live.config.server)
         inp = route_input(request, body, req)
         policy = live.table.policy_for(inp.model, explicit_policy(inp))
         if key is not None and policy is not None and not key.allows_policy(policy):

@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from threadpoolctl import threadpool_limits
 
 from routers.embedders import Embedder
+from server import openapi as doc
 from server.admin import handle_feedback, handle_keys, handle_reload, handle_route, reload_and_log
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
@@ -88,35 +89,51 @@ def create_app(
         state: GatewayState = request.app.state.gateway
         return state
 
-    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI protocol)")
+    # The handlers read the raw request (the client's JSON is forwarded as written), so FastAPI cannot see their
+    # bodies or answers: `server.openapi` describes them, and `/openapi.json` is what the fuzz test holds them to.
+    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI protocol)",
+              openapi_extra=doc.CHAT_BODY, responses=doc.CHAT_RESPONSES)
     async def chat_completions(request: Request) -> Response:
         return await handle_completion("chat", request, gw(request))
 
-    @app.post("/v1/completions", summary="Create a text completion (OpenAI protocol)")
+    @app.post("/v1/completions", summary="Create a text completion (OpenAI protocol)",
+              openapi_extra=doc.COMPLETION_BODY, responses=doc.COMPLETION_RESPONSES)
     async def completions(request: Request) -> Response:
         return await handle_completion("completions", request, gw(request))
 
-    @app.post("/v1/route", summary="Explain: the routing decision for a chat request, without running it")
+    @app.post("/v1/route", summary="Explain: the routing decision for a chat request, without running it",
+              openapi_extra=doc.ROUTE_BODY, responses=doc.ROUTE_RESPONSES)
     async def route(request: Request) -> Response:
         return await handle_route(request, gw(request))
 
-    @app.post("/v1/feedback", summary="Score a routed request's answer (0..1) for learning policies")
+    @app.post("/v1/feedback", summary="Score a routed request's answer (0..1) for learning policies",
+              openapi_extra=doc.FEEDBACK_BODY, responses=doc.FEEDBACK_RESPONSES)
     async def feedback(request: Request) -> Response:
         return await handle_feedback(request, gw(request))
 
-    @app.post("/admin/reload", summary="Re-read the config file and swap it in (admin key required)")
+    @app.post("/admin/reload", summary="Re-read the config file and swap it in (admin key required)",
+              responses=doc.RELOAD_RESPONSES)
     async def reload(request: Request) -> Response:
         return await handle_reload(request, gw(request))
 
-    @app.api_route("/admin/keys", methods=["GET", "POST"], summary="List client keys, or add one (admin key)")
-    async def keys(request: Request) -> Response:
+    # Two routes rather than one for both methods: one route gives both operations the same operationId.
+    @app.get("/admin/keys", summary="List client keys (admin key required)", responses=doc.LIST_KEYS_RESPONSES)
+    async def list_keys(request: Request) -> Response:
         return await handle_keys(request, gw(request))
 
-    @app.delete("/admin/keys/{name}", summary="Revoke a stored client key (admin key required)")
-    async def revoke(request: Request, name: str) -> Response:
-        return await handle_keys(request, gw(request), name)
+    @app.post("/admin/keys", summary="Add a stored client key (admin key required)", status_code=201,
+              openapi_extra=doc.ADD_KEY_BODY, responses=doc.ADD_KEY_RESPONSES)
+    async def add_key(request: Request) -> Response:
+        return await handle_keys(request, gw(request))
 
-    @app.get("/v1/models", summary="Served models and routing policies")
+    # `name` is read from the path here, not taken as a parameter: FastAPI would document a 422 for it, which
+    # this gateway never answers (its validation errors are 400s).
+    @app.delete("/admin/keys/{name}", summary="Revoke a stored client key (admin key required)",
+                openapi_extra=doc.KEY_NAME_PARAM, responses=doc.REVOKE_KEY_RESPONSES)
+    async def revoke(request: Request) -> Response:
+        return await handle_keys(request, gw(request), request.path_params["name"])
+
+    @app.get("/v1/models", summary="Served models and routing policies", responses=doc.MODELS_RESPONSES)
     async def models(request: Request) -> JSONResponse:
         created = int(request.app.state.started_at)
         data = [
@@ -125,32 +142,36 @@ def create_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive", responses=doc.HEALTHZ_RESPONSES)
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz", summary="At least one worker is reachable")
+    @app.get("/readyz", summary="At least one worker is reachable", responses=doc.READYZ_RESPONSES)
     async def readyz(request: Request) -> JSONResponse:
         registry = gw(request).live.registry
         workers = {
             w.name: {"model": w.model, "health": w.health.value, "in_flight": w.in_flight,
                      "error": w.last_error, "running": w.running, "waiting": w.waiting,
-                     "kv_cache_usage": w.kv_cache_usage}
+                     "kv_cache_usage": w.kv_cache_usage, "breaker": w.breaker.state.name.lower(),
+                     "queued": w.gate.waiting}
             for w in registry.workers.values()
         }
-        ready = any(w.health is Health.UP for w in registry.workers.values())
+        # Ready while some worker can take requests: its health check passes and its breaker is not open.
+        ready = any(w.health is Health.UP and w.available() for w in registry.workers.values())
         return JSONResponse({"ready": ready, "workers": workers}, status_code=200 if ready else 503)
 
-    @app.get("/ui", summary="Status page: routing mix, cost and savings, latency, worker health")
+    @app.get("/ui", summary="Status page: routing mix, cost and savings, latency, worker health",
+             response_class=HTMLResponse, responses=doc.TEXT_RESPONSES)
     async def ui() -> Response:
         return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
 
-    @app.get("/ui/status.json", summary="The status page's numbers")
+    @app.get("/ui/status.json", summary="The status page's numbers", responses=doc.STATUS_RESPONSES)
     async def ui_status(request: Request) -> JSONResponse:
         state = gw(request)
         return JSONResponse(state.status.snapshot(state.live))
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses=doc.TEXT_RESPONSES)
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(gw(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

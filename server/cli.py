@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -81,8 +82,10 @@ def serve(
     # httpx logs every upstream request at INFO; the request log already has one line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app_ = create_app(cfg, config_path=path, handle_sighup=True)
+    # SIGTERM: uvicorn stops accepting connections, lets requests and streams in flight finish for up to
+    # the drain timeout, then closes them (the config at start decides it; a reload cannot change it).
     uvicorn.run(app_, host=host, port=port, log_level=log_level.value, access_log=access_log,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=math.ceil(cfg.server.drain_timeout_s))
 
 
 @app.command("train")

@@ -62,6 +62,22 @@ def check_http_url(v: str) -> str:
     return v
 
 
+class Timeouts(_Model):
+    """Per-request upstream time limits (every one optional here: a worker's overrides of `upstream`'s).
+
+    - `connect_timeout_s`: to open a connection to the worker.
+    - `ttft_timeout_s`: from sending a streamed request to its first event (before anything reached the
+      client, so a worker that does not start answering in time is retried or falls back).
+    - `idle_timeout_s`: the longest silence between two events of a stream.
+    - `total_timeout_s`: the whole exchange (for a non-streamed request, the time to its answer).
+    """
+
+    connect_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    ttft_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    idle_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    total_timeout_s: Annotated[float, Field(gt=0)] | None = None
+
+
 class WorkerConfig(_Model):
     """One OpenAI-compatible upstream (a vLLM server). Several workers may serve one model."""
 
@@ -74,6 +90,10 @@ class WorkerConfig(_Model):
     # Where the queue length is read (vLLM's Prometheus text); `poll_load: false` for upstreams without it.
     metrics_url: str | None = None
     poll_load: bool = True
+    # Overrides of `upstream`'s timeouts for this worker (a slow large model may need a longer first token).
+    timeouts: Timeouts = Timeouts()
+    # Requests sent to this worker at once; more wait (see `reliability`) or go elsewhere. None: no limit.
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("base_url", "health_url", "metrics_url")
     @classmethod
@@ -94,10 +114,13 @@ class WorkerConfig(_Model):
 
 
 class UpstreamConfig(_Model):
-    """Timeouts and pool limits of the one shared HTTP client to the workers."""
+    """Timeouts (see `Timeouts`; each worker may override them) and pool limits of the one shared HTTP client
+    to the workers."""
 
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    read_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    ttft_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    total_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     pool_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
@@ -134,6 +157,14 @@ class ServerConfig(_Model):
     metrics: bool = True
     # Write prompts and completions into the request log. Off by default: they may hold personal data.
     log_prompts: bool = False
+    # Request limits beyond the body size: each is a 400 naming the field when passed.
+    max_messages: Annotated[int, Field(ge=1)] = 2048
+    max_message_chars: Annotated[int, Field(ge=1)] = 1_000_000  # one message's text, all its parts together
+    max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000  # max_tokens and max_completion_tokens
+    max_n: Annotated[int, Field(ge=1, le=128)] = 16  # answers per request
+    # On SIGTERM: stop accepting connections, let requests and streams in flight finish for up to this long,
+    # then close.
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
 
 
 class EmbedderConfig(_Model):
@@ -192,6 +223,28 @@ class AuthConfig(_Model):
     keys: list[KeyConfig] = Field(default_factory=list)
 
 
+class ReliabilityConfig(_Model):
+    """Retries, the retry budget, circuit breakers and queueing at busy workers."""
+
+    # A request whose worker fails before anything reached the client (unreachable, 5xx) is sent again to the
+    # same model up to this many times (another replica first, when there is one), after a backoff of
+    # `retry_backoff_s` x 2^attempt with full jitter; then to the policy's fallbacks (`server.max_fallbacks`).
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    retry_backoff_s: Annotated[float, Field(ge=0, le=10)] = 0.05
+    # Every re-send (retry or fallback) spends from a budget: at most `retry_budget_ratio` of the requests of
+    # the last 10 s, plus `retry_budget_min_per_s`, so an outage cannot multiply the load on what is left.
+    retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.2
+    retry_budget_min_per_s: Annotated[float, Field(ge=0)] = 5.0
+    # A worker's breaker opens after this many failed requests in a row (not taking traffic), lets one probe
+    # request through after `breaker_open_s`, and closes when a probe succeeds.
+    breaker_failures: Annotated[int, Field(ge=1)] = 5
+    breaker_open_s: Annotated[float, Field(gt=0)] = 10.0
+    # At a worker at its `max_concurrency`, at most `max_queue` requests wait, each at most `queue_timeout_s`;
+    # beyond that the request goes to a fallback or gets 503 with Retry-After.
+    max_queue: Annotated[int, Field(ge=0)] = 100
+    queue_timeout_s: Annotated[float, Field(ge=0)] = 5.0
+
+
 class StateConfig(_Model):
     """Where limits, budgets, feedback, affinity and the bandit's learning live."""
 
@@ -219,6 +272,7 @@ class TurnoutConfig(_Model):
     embedder: EmbedderConfig = EmbedderConfig()
     auth: AuthConfig = AuthConfig()
     state: StateConfig = StateConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
 
     @cached_property
     def reference(self) -> tuple[str, Price]:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 log = logging.getLogger("turnout.errors")
 
@@ -151,7 +152,7 @@ def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayErr
     )
 
 
-def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str | None, Any]:
+def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str | None, str | int | None]:
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
@@ -160,10 +161,18 @@ def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str 
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         msg = err.get("message")
-        return (str(msg) if msg is not None else None, err.get("type"), err.get("param"), err.get("code"))
+        return (str(msg) if msg is not None else None, *_typed_fields(err))
     if isinstance(data, dict) and isinstance(data.get("message"), str):  # vLLM's older flat shape
-        return (data["message"], data.get("type"), data.get("param"), data.get("code"))
+        return (data["message"], *_typed_fields(data))
     return (None, None, None, None)
+
+
+def _typed_fields(err: dict[str, Any]) -> tuple[str | None, str | None, str | int | None]:
+    """A worker's `type`, `param` and `code`, kept only when of the types OpenAI's error object has (string;
+    string; string or integer): the client gets the documented shape whatever the worker sent."""
+    etype, param, code = err.get("type"), err.get("param"), err.get("code")
+    return (etype if isinstance(etype, str) else None, param if isinstance(param, str) else None,
+            code if isinstance(code, str | int) and not isinstance(code, bool) else None)
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> Response:
@@ -174,6 +183,16 @@ def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> 
         media_type="application/json",
         headers={**err.headers, **(headers or {})},
     )
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405: the methods of every route of this path. Starlette names only those of the
+    first route it found for the path, and a path may have one route per method (`/admin/keys`)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -197,7 +216,10 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         err = GatewayError(exc.status_code, str(exc.detail), code=code)
-        return error_response(err, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"allow": allowed_methods(request)}
+        return error_response(err, headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # A bug: log the traceback for the operator, but never send it to the client.

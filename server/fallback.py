@@ -13,8 +13,12 @@ from server.workers import WorkerRegistry
 
 log = logging.getLogger("turnout.fallback")
 
-#: Worker failures that send a request to the next candidate (before anything reached the client).
-FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
+#: Failures before anything reached the client that send a request on: to the next candidate, or (see
+#: `RETRY_CODES`) to the same model again. A busy or vanished worker counts too: the request never reached it.
+FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error", "worker_overloaded",
+                            "no_healthy_worker"})
+#: The failures worth retrying on the same model (a worker that timed out or is at capacity would be so again).
+RETRY_CODES = frozenset({"upstream_unreachable", "upstream_error"})
 
 
 def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: int) -> list[str]:

@@ -83,6 +83,18 @@ class Metrics:
             "turnout_fallbacks", "Requests moved to the policy's next candidate after the chosen model failed "
             "before its first byte.", ["policy", "from_model", "to_model", "reason"], registry=r,
         )
+        self.retries = Counter(
+            "turnout_retries", "Requests sent again to the same model after its worker failed before the first "
+            "byte.", ["model", "reason"], registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "turnout_retry_budget_exhausted", "Retries and fallbacks not made because the retry budget was spent.",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "turnout_breaker_transitions", "Circuit breaker state changes, by worker and new state.",
+            ["worker", "state"], registry=r,
+        )
         self.in_flight = Gauge("turnout_in_flight_requests", "Requests in progress.", registry=r)
         self.decisions = Counter(
             "turnout_routing_decisions", "Routing decisions by policy, chosen model and how (policy or affinity).",
@@ -163,10 +175,16 @@ class LiveCollector(Collector):
                                "KV-cache usage the worker reports, 0..1 (vLLM's kv_cache_usage_perc).", labels=labels)
         in_flight = GaugeMetricFamily("turnout_worker_in_flight_requests",
                                       "Requests this gateway has open at the worker.", labels=labels)
+        queued = GaugeMetricFamily("turnout_worker_queued_requests",
+                                   "Requests waiting for a place at the worker (its max_concurrency).", labels=labels)
+        breaker = GaugeMetricFamily("turnout_worker_breaker_state",
+                                    "The worker's circuit breaker: 0 closed, 1 half-open, 2 open.", labels=labels)
         for w in live.registry.workers.values():
             key = [w.name, w.model]
             up.add_metric(key, 1.0 if w.health is Health.UP else 0.0)
             in_flight.add_metric(key, float(w.in_flight))
+            queued.add_metric(key, float(w.gate.waiting))
+            breaker.add_metric(key, float(w.breaker.state.value))
             # Unknown stays absent rather than 0: a worker whose /metrics cannot be read has no queue to show.
             for family, value in ((running, w.running), (waiting, w.waiting), (kv, w.kv_cache_usage)):
                 if value is not None:
@@ -183,4 +201,4 @@ class LiveCollector(Collector):
         for name, router in live.table.routers.items():
             if isinstance(router, BanditRouter):
                 learned.add_metric([name], router.bandit.online_observations())
-        yield from (up, running, waiting, kv, in_flight, budget, learned)
+        yield from (up, running, waiting, kv, in_flight, queued, breaker, budget, learned)

@@ -2,13 +2,16 @@
 
 Validation is deliberately partial: known fields are type-checked, unknown fields (vLLM's extra
 sampling parameters, future OpenAI fields) are allowed and forwarded untouched, because the gateway
-forwards the client's own JSON, not a re-serialised model.
+forwards the client's own JSON, not a re-serialised model. Two exceptions: chat's `messages` sent to the
+text completion endpoint, and JSON nested too deep to be written out again, are refused (400).
+These models are also the request bodies of `/openapi.json` (`server.openapi`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -31,6 +34,12 @@ class _Open(BaseModel):
 
 class TextPart(_Open):
     """One part of a multi-part message content (text, or another type the worker understands)."""
+
+    # The JSON schema of the check below, for `/openapi.json`.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "text"}}, "required": ["type"]},
+        "then": {"properties": {"text": {"type": "string"}}, "required": ["text"]},
+    })
 
     type: StrictStr
     text: StrictStr | None = None
@@ -73,22 +82,32 @@ class OpenAIRequest(_Open):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    # Chat's newer name for max_tokens. Checked on both endpoints: a keyed request's worst case reads both.
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
     user: StrictStr | None = None
     turnout: RouteOptions | None = None
 
+    #: Fields that belong to the other endpoint, refused by name (see `CompletionRequest`).
+    misplaced: ClassVar[dict[str, str]] = {}
+
 
 class ChatCompletionRequest(OpenAIRequest):
     """`POST /v1/chat/completions` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 class CompletionRequest(OpenAIRequest):
     """`POST /v1/completions` body."""
+
+    # `messages` would be read as the prompt (routing and a keyed request's worst case look for it first), and is
+    # no field of a text completion: refused by name rather than forwarded.
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = {
+        "messages": "a text completion takes 'prompt'; 'messages' is for /v1/chat/completions."}
 
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
@@ -102,8 +121,11 @@ def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
     """Validate a decoded JSON body; a `GatewayError` 400 naming the first bad field otherwise."""
     if not isinstance(body, dict):
         raise bad_request(f"Request body must be a JSON object, got {type(body).__name__}.")
+    for name, why in schema.misplaced.items():
+        if name in body:
+            raise bad_request(f"Unexpected field '{name}': {why}", name)
     try:
-        return schema.model_validate(body)
+        req = schema.model_validate(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # Union members each report an error; the shortest location is the field the client wrote.
@@ -112,6 +134,14 @@ def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
         param = field_path(loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
+    try:
+        # The body is written out again, to the worker and to measure a keyed request's worst case: JSON nested
+        # deeper than the encoder writes (254 levels; the parser reads 1024) parses but cannot go on. Refused here,
+        # before anything measures it.
+        orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise bad_request(f"Request body cannot be forwarded: {exc}") from None
+    return req
 
 
 __all__ = [

@@ -7,6 +7,8 @@ fields such as vLLM's extra sampling parameters reach the worker unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from routers.base import RoutingOutcome
 from server.accounting import Exchange
 from server.admission import admit, keep_within_hold, within_budget
+from server.config import ReliabilityConfig
 from server.errors import (
     GatewayError,
     bad_request,
@@ -30,8 +33,10 @@ from server.errors import (
     from_upstream_status,
     payload_too_large,
     upstream_stream_error,
+    upstream_timeout,
 )
-from server.fallback import FALLBACK_CODES, fallback_targets, note_fallback
+from server.fallback import FALLBACK_CODES, RETRY_CODES, fallback_targets, note_fallback
+from server.hardening import check_limits
 from server.keystore import authenticate
 from server.protocol import (
     ChatCompletionRequest,
@@ -43,7 +48,9 @@ from server.protocol import (
 from server.routing import POLICY_HEADER, SESSION_HEADER, RouteInput, Selection, select
 from server.sse import DONE, EventSource, EventSplitter, RelayResponse, event_data
 from server.state import GatewayState, Live
-from server.workers import Worker
+from server.workers import Lease, Verdict, Worker
+
+log = logging.getLogger("turnout.proxy")
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
     "chat": ("/chat/completions", ChatCompletionRequest),
@@ -128,6 +135,7 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
     try:
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(schema, body)
+        check_limits(body, live.config.server)
         ex.stream = bool(req.stream)
         ex.reference_price = live.config.reference[1]
         if live.config.server.log_prompts:
@@ -174,22 +182,79 @@ async def handle_completion(kind: str, request: Request, gw: GatewayState) -> Re
 
 async def _send(gw: GatewayState, live: Live, request: Request, path: str, body: dict[str, Any], ex: Exchange,
                 targets: list[str], wants_usage: bool) -> Response | None:
-    """Forward to the first target; when its worker fails before anything reached the client, to the next
-    (None: the client went away)."""
-    for attempt, target in enumerate(targets):
-        worker = live.registry.pick(target)
-        ex.worker, ex.model = worker.name, worker.model
-        body["model"] = worker.model
-        work = (_open_stream(gw, worker, path, encode_json(body), ex, wants_usage) if ex.stream
-                else _forward(gw, worker, path, encode_json(body), ex))
-        try:
-            return await until_disconnect(request, work)
-        except GatewayError as err:
-            # A client error (4xx) would fail anywhere, and the last candidate's error is final.
-            if err.code not in FALLBACK_CODES or attempt == len(targets) - 1:
-                raise
-            note_fallback(gw, live.registry, ex, err, targets[attempt + 1])
-    raise AssertionError("no target to send to")  # pragma: no cover - targets always holds the choice
+    """Forward to the first target. When its worker fails before anything reached the client: retry the same
+    model up to `reliability.retries` times (on another replica when there is one; on the same worker only
+    after it was unreachable or answered 5xx), then move to the next target (the policy's fallbacks). Every
+    re-send spends from the retry budget.
+    None: the client went away."""
+    rel = live.config.reliability
+    gw.retry_budget.request()
+    failed: set[str] = set()  # workers that failed this request
+    last: GatewayError | None = None
+    for index, target in enumerate(targets):
+        for attempt in range(rel.retries + 1):
+            try:
+                worker = live.registry.pick(target, avoid=frozenset(failed))
+            except GatewayError as err:  # nothing left for this target (its breakers opened meanwhile)
+                last = last or err  # a worker's own failure stays the reason
+                break
+            if last is not None:
+                if not gw.retry_budget.try_spend():
+                    gw.metrics.retry_budget_exhausted.inc()
+                    raise last
+                if attempt:
+                    note_retry(gw, ex, last, target)
+            delay = rel.retry_backoff_s * 2 ** (attempt - 1) * random.random() if attempt else 0.0
+            try:
+                return await until_disconnect(request, _attempt(gw, rel, worker, path, body, ex, wants_usage,
+                                                                delay))
+            except GatewayError as err:
+                if err.code not in FALLBACK_CODES:
+                    raise
+                last = err
+                failed.add(worker.name)
+                others = any(w.name not in failed for w in live.registry.usable(target))
+                if err.code not in RETRY_CODES and not others:
+                    break  # a hung or saturated worker would be so again: go to the next target
+        if index < len(targets) - 1 and last is not None:
+            note_fallback(gw, live.registry, ex, last, targets[index + 1])
+    assert last is not None  # every path that does not return sets it
+    raise last
+
+
+async def _attempt(gw: GatewayState, rel: ReliabilityConfig, worker: Worker, path: str, body: dict[str, Any],
+                   ex: Exchange, wants_usage: bool, delay_s: float) -> Response:
+    """One try at `worker`, after `delay_s` (a retry's backoff): hold a place there, send, and tell its breaker
+    how it went (a stream's relay does that when the stream ends)."""
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    lease = await Lease.take(worker, rel)
+    ex.worker, ex.model = worker.name, worker.model
+    body["model"] = worker.model
+    payload = encode_json(body)
+    try:
+        if ex.stream:
+            return await _open_stream(gw, lease, path, payload, ex, wants_usage)
+        response = await _forward(gw, worker, path, payload, ex)
+    except GatewayError as err:
+        lease.end("failed" if err.code in FALLBACK_CODES else "neutral" if err.status >= 500 else "ok")
+        raise
+    except BaseException:
+        lease.end("neutral")  # cancelled: the client went away
+        raise
+    lease.end("ok")
+    return response
+
+
+def note_retry(gw: GatewayState, ex: Exchange, err: GatewayError, target: str) -> None:
+    """Record that the request goes to `target` again after `err`."""
+    if gw.metrics.enabled:
+        assert ex.model is not None and ex.worker is not None
+        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
+        gw.metrics.retries.labels(ex.model, err.status_label()).inc()
+    ex.retries += 1
+    log.warning("request %s: worker %s failed before its first byte (%s); retrying %s", ex.request_id,
+                ex.worker, err.log_message(), target)
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response | None:
@@ -232,16 +297,19 @@ def _upstream_headers(worker: Worker, request_id: str) -> dict[str, str]:
 
 
 async def _forward(gw: GatewayState, worker: Worker, path: str, payload: bytes, ex: Exchange) -> Response:
-    """Non-streaming: send, wait for the whole answer, account, answer."""
-    with worker.track():
-        t = time.perf_counter()
-        try:
+    """Non-streaming: send, wait for the whole answer (within the worker's total timeout), account, answer."""
+    to = worker.timeouts
+    t = time.perf_counter()
+    try:
+        async with asyncio.timeout(to.total_s):
             resp = await gw.client.post(worker.config.base_url + path, content=payload,
-                                        headers=_upstream_headers(worker, ex.request_id))
-        except httpx.HTTPError as exc:
-            raise from_httpx(exc, worker.name) from None
-        finally:
-            ex.upstream_s += time.perf_counter() - t
+                                        headers=_upstream_headers(worker, ex.request_id), timeout=to.for_httpx())
+    except TimeoutError:
+        raise upstream_timeout(worker.name) from None
+    except httpx.HTTPError as exc:
+        raise from_httpx(exc, worker.name) from None
+    finally:
+        ex.upstream_s += time.perf_counter() - t
     if not 200 <= resp.status_code < 300:
         raise from_upstream_status(worker.name, resp.status_code, resp.content)
     try:
@@ -257,39 +325,44 @@ async def _forward(gw: GatewayState, worker: Worker, path: str, payload: bytes, 
                     headers=ex.headers())
 
 
-async def _open_stream(
-    gw: GatewayState, worker: Worker, path: str, payload: bytes, ex: Exchange, wants_usage: bool
-) -> Response:
-    """Streaming: open the upstream stream; errors before its first byte are ordinary error responses.
-
-    The worker's in-flight count is handed to the relay once the stream is open; on every other way
-    out (errors, cancellation) it is given back here.
-    """
+async def _open_stream(gw: GatewayState, lease: Lease, path: str, payload: bytes, ex: Exchange,
+                       wants_usage: bool) -> Response:
+    """Streaming: open the upstream stream and wait for its first bytes (within the TTFT timeout) before
+    answering the client, so that a worker failing before its first token is retried or falls back like any
+    other failure before the first byte. Then the relay owns the upstream response and the lease."""
+    worker = lease.worker
+    to = worker.timeouts
     request = gw.client.build_request("POST", worker.config.base_url + path, content=payload,
-                                      headers=_upstream_headers(worker, ex.request_id))
-    worker.in_flight += 1
-    handed_over = False
+                                      headers=_upstream_headers(worker, ex.request_id), timeout=to.for_httpx())
+    deadline = asyncio.get_running_loop().time() + to.total_s
+    resp: httpx.Response | None = None
+    t = time.perf_counter()
     try:
-        t = time.perf_counter()
-        try:
+        async with asyncio.timeout(min(to.ttft_s, to.total_s)):
             resp = await gw.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise from_httpx(exc, worker.name) from None
-        finally:
-            ex.upstream_s += time.perf_counter() - t
-        if resp.status_code != 200:
-            try:
-                content = await resp.aread()
-            except httpx.HTTPError:
-                content = b""
-            finally:
+            if resp.status_code != 200:
+                try:
+                    content = await resp.aread()
+                except httpx.HTTPError:
+                    content = b""
+                raise from_upstream_status(worker.name, resp.status_code, content)
+            chunks = resp.aiter_raw()
+            first = await anext(chunks, b"")
+        if not first:
+            raise GatewayError(502, f"Worker '{worker.name}' ended the stream before its first event.",
+                               type="server_error", code="upstream_error")
+    except BaseException as exc:
+        if resp is not None:
+            with anyio.CancelScope(shield=True):
                 await resp.aclose()
-            raise from_upstream_status(worker.name, resp.status_code, content)
-        relay = StreamRelay(gw, worker, resp, ex, wants_usage)
-        handed_over = True
+        if isinstance(exc, TimeoutError):
+            raise upstream_timeout(worker.name) from None
+        if isinstance(exc, httpx.HTTPError):
+            raise from_httpx(exc, worker.name) from None
+        raise
     finally:
-        if not handed_over:
-            worker.in_flight -= 1
+        ex.upstream_s += time.perf_counter() - t
+    relay = StreamRelay(gw, lease, resp, chunks, first, deadline, ex, wants_usage)
     ex.freeze_stream_overhead()
     return RelayResponse(relay, headers=ex.headers())
 
@@ -317,22 +390,42 @@ def _chunk_texts(data: bytes) -> list[str]:
 
 
 class StreamRelay(EventSource):
-    """Relays a worker's SSE stream event by event, takes the usage, and ends every stream properly:
-    a stream the worker breaks off ends with an error event and `[DONE]`, never a silent truncation."""
+    """Relays a worker's SSE stream event by event, takes the usage, and ends every stream properly: a stream
+    the worker breaks off, falls silent in (`idle_timeout_s`) or runs past its total time ends with an error
+    event and `[DONE]`, never a silent truncation. Owns the upstream response and the worker lease."""
 
-    def __init__(self, gw: GatewayState, worker: Worker, resp: httpx.Response, ex: Exchange,
-                 wants_usage: bool) -> None:
-        self._gw, self._worker, self._resp, self._ex = gw, worker, resp, ex
+    def __init__(self, gw: GatewayState, lease: Lease, resp: httpx.Response, chunks: AsyncIterator[bytes],
+                 first: bytes, deadline: float, ex: Exchange, wants_usage: bool) -> None:
+        self._gw, self._lease, self._worker, self._resp, self._ex = gw, lease, lease.worker, resp, ex
+        self._chunks, self._first, self._deadline = chunks, first, deadline
         self._wants_usage = wants_usage
         self._closed = False
         self._completed = False
+        self._verdict: Verdict = "neutral"
+
+    async def _next(self) -> bytes:
+        """The next raw chunk (b"" at the end), within the idle timeout and the total deadline. The timeout
+        is only ever around this read, never across a `yield`: a timeout firing while the consumer sends
+        would cancel the consumer instead."""
+        loop = asyncio.get_running_loop()
+        to = self._worker.timeouts
+        total_left = self._deadline - loop.time()
+        wait = min(to.idle_s, total_left)
+        try:
+            async with asyncio.timeout(max(0.0, wait)):
+                return await anext(self._chunks, b"")
+        except TimeoutError:
+            what = (f"no event for {to.idle_s:g} s (idle timeout)" if to.idle_s <= total_left
+                    else f"the stream ran past {to.total_s:g} s (total timeout)")
+            raise upstream_stream_error(self._worker.name, what) from None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         ex = self._ex
         splitter = EventSplitter()
         saw_done = False
         try:
-            async for chunk in self._resp.aiter_raw():
+            chunk, self._first = self._first, b""
+            while chunk:
                 t = time.perf_counter()
                 out = bytearray()
                 for event in splitter.feed(chunk):
@@ -351,15 +444,17 @@ class StreamRelay(EventSource):
                     if ex.ttft_s is None:
                         ex.ttft_s = time.perf_counter() - ex.started
                     yield bytes(out)
+                chunk = await self._next()
             if not saw_done:
                 raise upstream_stream_error(self._worker.name, "the stream ended without [DONE]")
+            self._verdict = "ok"
         except (httpx.HTTPError, GatewayError) as exc:
             err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
                 self._worker.name, type(exc).__name__)
             ex.status, ex.error = "stream_error", err.log_message()
+            self._verdict = "failed"
             yield err.sse_event() + b"data: [DONE]\n\n"
         self._completed = True
-
     def _keep(self, data: bytes) -> bool:
         """Inspect a JSON event: take usage; drop the usage-only chunk unless the client asked for it."""
         if b'"usage"' not in data and b'"error"' not in data:
@@ -391,7 +486,7 @@ class StreamRelay(EventSource):
             with anyio.CancelScope(shield=True):
                 await self._resp.aclose()
         finally:
-            self._worker.in_flight -= 1
+            self._lease.end(self._verdict)
             if not self._completed and self._ex.status == "ok":
                 self._ex.status = "client_disconnect"
             self._gw.metrics.in_flight.dec()

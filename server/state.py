@@ -32,12 +32,13 @@ from server.limits import Limits
 from server.load import LoadMonitor
 from server.metrics import Metrics
 from server.redis_store import RedisStore
+from server.resilience import BreakerState, RetryBudget
 from server.routing import RoutingTable, artifact_context
 from server.sessions import AffinityStore
 from server.shared import StoreGuard
 from server.status import StatusBook
 from server.store import MemoryStore, Store
-from server.workers import HealthMonitor, WorkerRegistry
+from server.workers import HealthMonitor, Worker, WorkerRegistry
 
 log = logging.getLogger("turnout.state")
 
@@ -57,7 +58,9 @@ def make_client(cfg: UpstreamConfig) -> httpx.AsyncClient:
     """The one pooled HTTP client to all workers, with explicit timeouts and limits."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
-            connect=cfg.connect_timeout_s, read=cfg.read_timeout_s,
+            # Each request sets its worker's own connect timeout; reads are bounded by the request's TTFT, idle and
+            # total timeouts (`server.resilience.EffectiveTimeouts`), the read timeout here is only a backstop.
+            connect=cfg.connect_timeout_s, read=cfg.total_timeout_s,
             write=cfg.write_timeout_s, pool=cfg.pool_timeout_s,
         ),
         limits=httpx.Limits(
@@ -118,7 +121,8 @@ class GatewayState:
         self.embedding: EmbeddingService | None = None
         if embedder is not None or needs_embedder(config):
             self.embedding = self._make_embedding(config, embedder)
-        registry = WorkerRegistry(config)
+        registry = WorkerRegistry(config, on_breaker=self._on_breaker)
+        self.retry_budget = RetryBudget(config.reliability)
         table = build_table(config, config_path, self.embedding.id if self.embedding else None,
                             str(config_path or "config"))
         # Feedback records and affinity are bounded in a memory store (Redis bounds them by their TTLs).
@@ -150,6 +154,9 @@ class GatewayState:
         e = config.embedder
         return EmbeddingService(embedder or make_embedder(e.spec(), model_cache_dir()), cache_size=e.cache_size,
                                 max_batch=e.max_batch, max_wait_ms=e.wait_ms())
+
+    def _on_breaker(self, worker: Worker, old: BreakerState, new: BreakerState) -> None:
+        self.metrics.breaker_transitions.labels(worker.name, new.name.lower()).inc()
 
     def start(self, background_checks: bool = True) -> None:
         """Start the embedding batcher and (unless disabled) health and load polling."""
@@ -188,7 +195,8 @@ class GatewayState:
             if embedding is not None and self.embedding is None:
                 self.embedding = embedding
                 embedding.start()
-            registry = WorkerRegistry(config, previous=old.registry)
+            registry = WorkerRegistry(config, previous=old.registry, on_breaker=self._on_breaker)
+            self.retry_budget = RetryBudget(config.reliability)
             srv = config.server
             self.health.registry, self.load.registry = registry, registry
             self.health.interval, self.health.failures_to_down = srv.health_interval_s, srv.health_failures_to_down

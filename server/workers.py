@@ -14,14 +14,16 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 
-from server.config import TurnoutConfig, WorkerConfig
+from server.config import ReliabilityConfig, TurnoutConfig, WorkerConfig
 from server.errors import no_worker_available
+from server.resilience import Breaker, BreakerState, EffectiveTimeouts, Gate
 from server.tasks import cancel_and_wait
 
 log = logging.getLogger("turnout.workers")
@@ -52,6 +54,13 @@ class Worker:
     kv_cache_usage: float | None = None
     load_at: float | None = None  # time.monotonic() of the last successful read
     load_error: str | None = None
+    breaker: Breaker = field(default_factory=lambda: Breaker(5, 10.0))
+    gate: Gate = field(default_factory=lambda: Gate(None))
+    timeouts: EffectiveTimeouts = field(default_factory=lambda: EffectiveTimeouts(5.0, 60.0, 60.0, 600.0))
+
+    def available(self) -> bool:
+        """Whether requests may go here: not found down by its health check, its breaker not open."""
+        return self.health is not Health.DOWN and self.breaker.available()
 
     def load(self, fresh_s: float = 10.0) -> float:
         """Requests on this worker: its reported running + waiting when read within `fresh_s`, else this
@@ -87,17 +96,64 @@ class Worker:
             self.in_flight -= 1
 
 
+Verdict = Literal["ok", "failed", "neutral"]
+
+
+class Lease:
+    """One attempt's hold on a worker: its breaker's probe turn, a place at its gate and its in-flight count,
+    given back by `end` (idempotent) with the verdict the breaker hears: "ok" (the worker answered, a client
+    error included), "failed" (unreachable, timed out, 5xx, a stream broken off) or "neutral" (it says nothing
+    about the worker: the client went away)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._ended = False
+
+    @classmethod
+    async def take(cls, worker: Worker, reliability: ReliabilityConfig) -> Lease:
+        """Hold a place at `worker` (waiting in its bounded line; `worker_overloaded` when there is none)."""
+        worker.breaker.begin()  # before any wait: the one half-open probe is claimed at once
+        try:
+            await worker.gate.acquire(reliability.max_queue, reliability.queue_timeout_s, worker.model)
+        except BaseException:
+            worker.breaker.release()
+            raise
+        worker.in_flight += 1
+        return cls(worker)
+
+    def end(self, verdict: Verdict) -> None:
+        """Give the place back and tell the breaker."""
+        if self._ended:
+            return
+        self._ended = True
+        w = self.worker
+        w.in_flight -= 1
+        w.gate.release()
+        if verdict == "ok":
+            w.breaker.success()
+        elif verdict == "failed":
+            w.breaker.failure()
+        else:
+            w.breaker.release()
+
+
 class WorkerRegistry:
     """Workers by name and by model, and the choice of a replica."""
 
-    def __init__(self, config: TurnoutConfig, previous: WorkerRegistry | None = None) -> None:
+    def __init__(self, config: TurnoutConfig, previous: WorkerRegistry | None = None,
+                 on_breaker: Callable[[Worker, BreakerState, BreakerState], None] | None = None) -> None:
         """Workers of `config`; with `previous` (a reload), a worker whose config is unchanged is the same
-        object, so its health, load and in-flight count carry over."""
+        object, so its health, load, in-flight count, breaker and queue carry over. `on_breaker` hears every
+        breaker transition."""
         self.workers: dict[str, Worker] = {}
         self.by_model: dict[str, list[Worker]] = {}
+        self.reliability: ReliabilityConfig = config.reliability
         for wc in config.workers:
             old = previous.workers.get(wc.name) if previous is not None else None
             if old is not None and old.config == wc:
+                old.timeouts = EffectiveTimeouts.of(config.upstream, wc)
+                old.breaker.failures_to_open = config.reliability.breaker_failures
+                old.breaker.open_s = config.reliability.breaker_open_s
                 self.workers[wc.name] = old
                 self.by_model.setdefault(wc.model, []).append(old)
                 continue
@@ -110,9 +166,23 @@ class WorkerRegistry:
                 else:
                     log.warning("worker %s: environment variable %s is not set; sending no API key",
                                 wc.name, wc.api_key_env)
-            worker = Worker(config=wc, auth_headers=headers)
+            worker = Worker(config=wc, auth_headers=headers, gate=Gate(wc.max_concurrency),
+                            timeouts=EffectiveTimeouts.of(config.upstream, wc))
+            worker.breaker = Breaker(config.reliability.breaker_failures, config.reliability.breaker_open_s,
+                                     on_change=self._breaker_hook(worker, on_breaker))
             self.workers[wc.name] = worker
             self.by_model.setdefault(wc.model, []).append(worker)
+
+    @staticmethod
+    def _breaker_hook(worker: Worker, on_breaker: Callable[[Worker, BreakerState, BreakerState], None] | None,
+                      ) -> Callable[[BreakerState, BreakerState], None]:
+        def hook(old: BreakerState, new: BreakerState) -> None:
+            level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+            log.log(level, "worker %s: breaker %s -> %s (%d failed requests in a row)", worker.name,
+                    old.name.lower(), new.name.lower(), worker.breaker.failures)
+            if on_breaker is not None:
+                on_breaker(worker, old, new)
+        return hook
 
     def models(self) -> list[str]:
         """Distinct served model names, in config order."""
@@ -125,19 +195,23 @@ class WorkerRegistry:
         return list(self.by_model.get(target, ()))
 
     def usable(self, target: str) -> list[Worker]:
-        """Workers for `target` not known to be down."""
-        return [w for w in self.resolve(target) if w.health is not Health.DOWN]
+        """Workers for `target` that may take requests: not found down, breaker not open (see `Worker.available`)."""
+        return [w for w in self.resolve(target) if w.available()]
 
     def queue(self, target: str) -> float:
         """Requests waiting at the least loaded usable worker for `target` (what a new request would join)."""
         usable = self.usable(target)
         return min(w.queue() for w in usable) if usable else 0.0
 
-    def pick(self, target: str) -> Worker:
-        """The replica for `target`: not known to be down, least loaded, random among ties."""
+    def pick(self, target: str, avoid: frozenset[str] = frozenset()) -> Worker:
+        """The replica for `target`: available (see `Worker.available`), not in `avoid` (replicas that already
+        failed this request) unless nothing else is, with room before queueing, then least loaded, random
+        among ties."""
         usable = self.usable(target)
         if not usable:
             raise no_worker_available(target)
+        usable = [w for w in usable if w.name not in avoid] or usable
+        usable = [w for w in usable if w.gate.has_room()] or usable
         if len(usable) == 1:
             return usable[0]
         loads = [w.load() for w in usable]

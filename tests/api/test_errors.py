@@ -138,7 +138,7 @@ async def test_unreachable_worker_is_502(fakes: dict[str, Upstream]) -> None:
 
 
 async def test_worker_timeout_is_504(fakes: dict[str, Upstream]) -> None:
-    async with gateway_in_process(fake_config(fakes, upstream={"read_timeout_s": 0.3})) as gw:
+    async with gateway_in_process(fake_config(fakes, upstream={"total_timeout_s": 0.3})) as gw:
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as exc:
                 await gw.client.chat.completions.create(model="auto", messages=MSG, stream=stream,
@@ -215,7 +215,7 @@ async def test_worker_redirect_and_auth_failure_are_502(fakes: dict[str, Upstrea
 
 
 async def test_in_flight_returns_to_zero_after_every_kind_of_request(fakes: dict[str, Upstream]) -> None:
-    async with gateway_in_process(fake_config(fakes, upstream={"read_timeout_s": 0.3})) as gw:
+    async with gateway_in_process(fake_config(fakes, upstream={"total_timeout_s": 0.3})) as gw:
         for fake in ({}, {"status": 500}, {"hang": True}, {"drop_after": 1}):
             for stream in (False, True):
                 try:

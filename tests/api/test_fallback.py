@@ -54,8 +54,12 @@ async def test_a_failing_chosen_model_falls_back_to_the_next_candidate(
         text = (await gw.http.get("/metrics")).text
         labels = {"policy": "split", "from_model": "fake-small", "to_model": "fake-big", "reason": "upstream_error"}
         assert sample(text, "turnout_fallbacks_total", labels) == fell_back
+        # Every failed attempt is an upstream error: each fallback's, and each retry's before it (one retry per
+        # request until small's breaker opened).
+        retries = sample(text, "turnout_retries_total", {"model": "fake-small", "reason": "upstream_error"})
+        assert 0 < retries <= fell_back
         errors = {"worker": "small", "reason": "upstream_error"}
-        assert sample(text, "turnout_upstream_errors_total", errors) == fell_back
+        assert sample(text, "turnout_upstream_errors_total", errors) == fell_back + retries
         ok = {"policy": "split", "model": "fake-big", "worker": "big", "status": "ok"}
         assert sample(text, "turnout_requests_total", ok) == 12, "each request counted once, as answered"
 

@@ -1,0 +1,311 @@
+"""Soak under chaos: N requests at a steady rate through one gateway process in front of three fake workers
+that keep failing (500s, hangs, streams cut mid-way, slow answers, and crashes with restarts), from the
+`openai` SDK.
+
+Checks that every request ends in a success or a well-formed OpenAI error, that the client's counts by
+status equal the gateway's `turnout_requests_total` exactly, and measures the gateway's memory (RSS) from the
+first minute to the last.
+
+    python -m loadtest.soak [--requests 10000] [--rate 80] [--out loadtest/results/soak]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.engines import fake_process, gateway_process
+from loadtest.results_io import write_results
+from tests.procs import ManagedProcess, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+MSG: list[Any] = [{"role": "user", "content": "Tell me something about the sea."}]
+#: Worker-wide faults the chaos task sets (with their weights); {} is healthy.
+FAULTS: list[tuple[dict[str, Any], int]] = [
+    ({}, 6), ({"status": 500}, 2), ({"hang": True}, 1), ({"drop_after": 2}, 2), ({"latency_ms": 300}, 1),
+]
+
+
+@dataclass
+class SoakResult:
+    """What a soak saw."""
+
+    requests: int
+    seconds: float
+    client: dict[str, int]  # outcomes by the gateway's status label, as the client saw them
+    gateway: dict[str, int]  # turnout_requests_total by status
+    malformed: list[str]  # responses that were neither a success nor a well-formed error
+    rss_mb: list[tuple[float, float]]  # (seconds since start, RSS MiB) samples of the gateway
+    faults: dict[str, int] = field(default_factory=dict)  # chaos actions taken
+    in_flight_after: float = 0.0
+
+    def rss_minutes(self) -> tuple[float, float]:
+        """Median RSS (MiB) over the first and the last minute of the run."""
+        first = [m for t, m in self.rss_mb if t <= 60]
+        last = [m for t, m in self.rss_mb if t >= self.seconds - 60]
+        return statistics.median(first), statistics.median(last)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def well_formed_error(body: Any) -> str | None:
+    """The error's code when `body` is OpenAI's error object (`{"message", "type", "param", "code"}`)."""
+    if isinstance(body, dict) and isinstance(body.get("message"), str) and "type" in body and "code" in body:
+        return str(body["code"])
+    return None
+
+
+def label_of(status: int, code: str) -> str:
+    """The gateway's status label for an error answer (see `GatewayError.status_label`): the chaos injects no
+    worker 4xx, so every 4xx is the gateway's own."""
+    return "client_error" if status < 500 else code
+
+
+class Soak:
+    """The processes and the two loops (load and chaos) of one soak run."""
+
+    def __init__(self, tmp: Path, rate: float, seed: int) -> None:
+        self.tmp, self.rate = tmp, rate
+        self.rng = random.Random(seed)
+        self.ports = {"small-a": free_port(), "small-b": free_port(), "big": free_port()}
+        self.models = {"small-a": "fake-small", "small-b": "fake-small", "big": "fake-big"}
+        self.workers: dict[str, ManagedProcess] = {}
+        self.gw_port = free_port()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.malformed: list[str] = []
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.done = asyncio.Event()
+
+    def config(self) -> dict[str, Any]:
+        """Short timeouts (a hang costs a second, not ten minutes) and quick breakers and health checks."""
+        return {
+            "workers": [{"name": name, "model": self.models[name], "base_url": f"http://127.0.0.1:{port}/v1",
+                         "price": {"input_per_1m": 0.1 if name != "big" else 1.0,
+                                   "output_per_1m": 0.2 if name != "big" else 3.0},
+                         "health_url": f"http://127.0.0.1:{port}/health", "max_concurrency": 64}
+                        for name, port in self.ports.items()],
+            "policies": {"pair": {"type": "weighted", "weights": {"fake-small": 3, "fake-big": 1}, "seed": 1}},
+            "default_policy": "pair",
+            "upstream": {"ttft_timeout_s": 1.0, "idle_timeout_s": 1.0, "total_timeout_s": 2.0},
+            "reliability": {"breaker_failures": 5, "breaker_open_s": 2.0, "queue_timeout_s": 1.0},
+            "server": {"health_interval_s": 1.0, "health_timeout_s": 0.5},
+        }
+
+    def start_worker(self, name: str) -> ManagedProcess:
+        proc = fake_process(self.ports[name], self.models[name], self.tmp / f"{name}.log")
+        proc.start()
+        self.workers[name] = proc
+        return proc
+
+    async def one(self, client: openai.AsyncOpenAI, i: int) -> None:
+        """One request of a random kind; its outcome counted by the gateway's status label."""
+        kind = self.rng.random()
+        stream = 0.6 <= kind < 0.85
+        kwargs: dict[str, Any] = {"model": "auto" if kind < 0.9 else "fake-small", "messages": MSG,
+                                  "max_tokens": self.rng.randint(2, 12)}
+        if kind >= 0.95:
+            kwargs["max_tokens"] = -1  # a bad request: 400 from the gateway
+        if stream:
+            kwargs["extra_body"] = {"fake": {"itl_ms": 5}}
+        try:
+            if stream:
+                got = await client.chat.completions.create(stream=True, **kwargs)
+                async for _ in got:
+                    pass
+            else:
+                await client.chat.completions.create(**kwargs)
+            self.counts["ok"] += 1
+        except openai.APIStatusError as exc:
+            body = exc.body.get("error") if isinstance(exc.body, dict) and "error" in exc.body else exc.body
+            code = well_formed_error(body)
+            if code is None:
+                self.malformed.append(f"{exc.status_code}: {str(exc.body)[:200]}")
+                self.counts["malformed"] += 1
+            else:
+                self.counts[label_of(exc.status_code, code)] += 1
+        except openai.APIConnectionError as exc:  # no answer at all (timed out, connection lost): never expected
+            self.malformed.append(f"{type(exc).__name__}: {exc}")
+            self.counts["no_answer"] += 1
+        except openai.APIError as exc:  # an error event in a stream that had started
+            if well_formed_error(exc.body) is None:
+                self.malformed.append(f"stream: {str(exc.body)[:200]}")
+                self.counts["malformed"] += 1
+            else:
+                self.counts["stream_error"] += 1
+
+    async def load(self, url: str, n: int) -> None:
+        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
+        async with httpx2.AsyncClient(limits=limits, timeout=30) as http:
+            client = openai.AsyncOpenAI(base_url=url, api_key="x", http_client=http, max_retries=0)
+            tasks: set[asyncio.Task[None]] = set()
+            # At most this many requests open at once: a client that falls behind the rate must not flood
+            # its own connection pool with thousands of waiting requests.
+            room = asyncio.Semaphore(64)
+            start = time.monotonic()
+            for i in range(n):
+                # A steady rate: request i leaves at i / rate, or as soon as there is room after that.
+                delay = start + i / self.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await room.acquire()
+                task = asyncio.create_task(self.one(client, i))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: room.release())
+            await asyncio.gather(*tasks)
+        self.done.set()
+
+    async def chaos(self) -> None:
+        """Every second or so a worker gets a new fault (or is healed); every ~15 s one crashes and comes back
+        3 s later."""
+        loop = asyncio.get_running_loop()
+        next_crash = loop.time() + 15
+        async with httpx.AsyncClient(timeout=2) as http:
+            while not self.done.is_set():
+                name = self.rng.choice(list(self.ports))
+                if loop.time() >= next_crash:
+                    next_crash = loop.time() + 15
+                    await asyncio.to_thread(self.workers[name].kill)
+                    self.faults["crash"] += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.done.wait(), 3)
+                    await asyncio.to_thread(self.start_worker, name)
+                    continue
+                mode = self.rng.choices([f for f, _ in FAULTS], [w for _, w in FAULTS])[0]
+                with contextlib.suppress(httpx.HTTPError):
+                    await http.post(f"http://127.0.0.1:{self.ports[name]}/fake/mode", json=mode)
+                    self.faults[json.dumps(mode, sort_keys=True)] += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.done.wait(), self.rng.uniform(0.5, 1.5))
+
+    async def sample_memory(self, pid: int, out: list[tuple[float, float]], t0: float) -> None:
+        while not self.done.is_set():
+            out.append((time.monotonic() - t0, rss_mb(pid)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), 1.0)
+        out.append((time.monotonic() - t0, rss_mb(pid)))
+
+
+def gateway_counts(metrics_text: str) -> tuple[dict[str, int], float]:
+    """`turnout_requests_total` by status (summed over its other labels), and the in-flight gauge."""
+    by_status: collections.Counter[str] = collections.Counter()
+    in_flight = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "turnout_requests_total" and s.value:
+                by_status[s.labels["status"]] += int(s.value)
+            elif s.name == "turnout_in_flight_requests":
+                in_flight = s.value
+    return dict(by_status), in_flight
+
+
+def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7) -> SoakResult:
+    """Run one soak (see the module docstring) and return what it saw."""
+    soak = Soak(tmp, rate, seed)
+    cfg_path = tmp / "gateway.yaml"
+    cfg_path.write_text(yaml.safe_dump(soak.config()))
+    with contextlib.ExitStack() as stack:
+        for name in soak.ports:
+            soak.start_worker(name)
+        stack.callback(lambda: [p.stop() for p in soak.workers.values()])
+        gateway = stack.enter_context(gateway_process(cfg_path, soak.gw_port, tmp / "gateway.log",
+                                                      log_level="warning"))
+        url = f"http://127.0.0.1:{soak.gw_port}"
+        samples: list[tuple[float, float]] = []
+
+        async def main() -> float:
+            t0 = time.monotonic()
+            await asyncio.gather(soak.load(f"{url}/v1", requests), soak.chaos(),
+                                 soak.sample_memory(gateway.pid, samples, t0))
+            return time.monotonic() - t0
+
+        seconds = asyncio.run(main())
+        time.sleep(0.5)  # the last requests' accounting runs as their responses go out
+        by_status, in_flight = gateway_counts(httpx.get(f"{url}/metrics", timeout=10).text)
+    return SoakResult(requests=requests, seconds=seconds, client=dict(soak.counts), gateway=by_status,
+                      malformed=soak.malformed, rss_mb=samples, faults=dict(soak.faults), in_flight_after=in_flight)
+
+
+def plot(result: SoakResult, path: Path) -> None:
+    """RSS over the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot([t for t, _ in result.rss_mb], [m for _, m in result.rss_mb], lw=1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("gateway RSS (MiB)")
+    ax.set_title(f"Soak: {result.requests} requests under worker faults")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    """Run the soak and write JSON, markdown and a plot of the gateway's memory."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--rate", type=float, default=80.0, help="requests per second")
+    ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "soak")
+    args = ap.parse_args()
+    result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")))
+    first, last = result.rss_minutes()
+    plot(result, args.out.with_suffix(".png"))
+    lines = [
+        f"# Soak: {result.requests} requests at {args.rate:g}/s under worker faults",
+        "",
+        f"One gateway process, three fake workers (two replicas of `fake-small`, one `fake-big`) on "
+        f"{os.cpu_count()} CPUs. A chaos task gives a random worker a new fault about every second "
+        "(500s, hangs, streams cut after 2 chunks, 300 ms answers, or healed) and crashes one (SIGKILL) every "
+        "15 s, restarting it 3 s later. Requests: 60% chat, 25% streamed, 10% a model named directly, "
+        "5% invalid (400), from the `openai` SDK.",
+        "",
+        "Command: `python -m loadtest.soak --requests 10000`.",
+        "",
+        f"- Duration: {result.seconds:.0f} s.",
+        f"- Client-side outcomes: {dict(sorted(result.client.items()))}.",
+        f"- Gateway `turnout_requests_total` by status: {dict(sorted(result.gateway.items()))}.",
+        f"- Equal: {result.client == result.gateway}; malformed responses: {len(result.malformed)}; "
+        f"in-flight gauge after: {result.in_flight_after:g}.",
+        f"- Gateway RSS, median of the first minute {first:.1f} MiB, of the last minute {last:.1f} MiB "
+        f"({(last / first - 1) * 100:+.1f}%).",
+        f"- Chaos actions: {dict(sorted(result.faults.items()))}.",
+        "",
+        "![RSS](soak.png)",
+    ]
+    data = {"requests": result.requests, "rate": args.rate, "seconds": result.seconds, "client": result.client,
+            "gateway": result.gateway, "malformed": result.malformed, "rss_mb": result.rss_mb,
+            "rss_first_minute_mb": first, "rss_last_minute_mb": last, "faults": result.faults,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    write_results(args.out, data, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
