@@ -189,7 +189,9 @@ class Soak:
                 name = self.rng.choice(list(self.ports))
                 if loop.time() >= next_crash:
                     next_crash = loop.time() + 15
-                    await asyncio.to_thread(self.workers[name].kill)
+                    crashed = self.workers[name]
+                    await asyncio.to_thread(crashed.kill)
+                    crashed.close()  # its log file; a new process takes its port below
                     self.faults["crash"] += 1
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.done.wait(), 3)
@@ -231,7 +233,11 @@ def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7) -> SoakResult
     with contextlib.ExitStack() as stack:
         for name in soak.ports:
             soak.start_worker(name)
-        stack.callback(lambda: [p.stop() for p in soak.workers.values()])
+        def close_workers() -> None:
+            for proc in soak.workers.values():
+                proc.close()
+
+        stack.callback(close_workers)
         gateway = stack.enter_context(gateway_process(cfg_path, soak.gw_port, tmp / "gateway.log",
                                                       log_level="warning"))
         url = f"http://127.0.0.1:{soak.gw_port}"

@@ -210,6 +210,10 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         """Stop the process (gracefully, then forcibly) and release the log."""
+        self.close()
+
+    def close(self) -> None:
+        """Stop the process if it still runs (gracefully, then forcibly) and release its log."""
         try:
             self.stop()
         finally:
