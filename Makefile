@@ -29,7 +29,7 @@ venv-st: $(ST_STAMP)
 vllm:
 	@bash deploy/vllm-cpu/setup.sh 2>&1 | grep -v "is ignored"; rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
 
-# Prometheus and Chromium from Debian (apt-get), for the observability tests.
+# Prometheus, Chromium, redis-server and docker-compose from Debian (apt-get), for the tests that run them.
 system-packages:
 	@bash deploy/scripts/system-packages.sh
 

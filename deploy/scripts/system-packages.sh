@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests run for real, with apt-get, when they are missing:
-# prometheus (metrics are checked through a real Prometheus), chromium (the status page's screenshot test) and
-# redis-server (shared state across gateway replicas).
+# prometheus (metrics are checked through a real Prometheus), chromium (the status page's screenshot test),
+# redis-server (shared state across gateway replicas) and docker-compose (validates docker-compose.yml; no Docker
+# engine is needed or installed: --no-install-recommends keeps docker.io out) and kubectl (renders the kustomize
+# overlays; no cluster is needed).
 # Safe to run twice: nothing is installed when every command is already there.
 set -euo pipefail
 
-declare -A wanted=([prometheus]=prometheus [chromium]=chromium [redis-server]=redis-server)
+declare -A wanted=([prometheus]=prometheus [chromium]=chromium [redis-server]=redis-server
+                   [docker-compose]=docker-compose [kubectl]=kubectl)
 missing=()
 for cmd in "${!wanted[@]}"; do
     command -v "$cmd" > /dev/null || missing+=("${wanted[$cmd]}")
