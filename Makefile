@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.turnout-installed
 ST_STAMP := $(VENV)/.turnout-st-installed
 
-.PHONY: demo demo-vllm test lint unit venv venv-st vllm system-packages bench clean
+.PHONY: demo demo-vllm test lint unit venv venv-st vllm system-packages bench bench-sidebyside clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ demo-vllm: venv vllm
 
 bench: venv
 	$(BIN)/python -m loadtest.overhead --requests 1000
+
+# Turnout beside the LiteLLM proxy (installed into its own virtualenv on first use) at rising rates.
+bench-sidebyside: venv
+	$(BIN)/python -m loadtest.sidebyside
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

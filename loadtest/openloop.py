@@ -98,7 +98,9 @@ class Result:
         overheads = [s.overhead_ms / 1000 for s in ok if s.overhead_ms is not None]
         return {
             "requests": n, "ok": len(ok), "error_rate": (n - len(ok)) / n if n else 0.0,
-            "errors": dict(errors), "offered_rps": self.scenario.rate,
+            # Offered: the requests planned over the run (a Poisson draw around the scenario's rate); achieved: the
+            # successes over the time until the last answer (longer than planned when the server fell behind).
+            "errors": dict(errors), "offered_rps": n / self.scenario.duration_s,
             "achieved_rps": len(ok) / self.seconds if self.seconds else 0.0,
             "latency_ms": pct([s.latency_s for s in ok if s.latency_s is not None]),
             "ttft_ms": pct([s.ttft_s for s in ok if s.ttft_s is not None]),
@@ -176,6 +178,7 @@ async def run(url: str, sc: Scenario) -> Result:
             result.samples.append(sample)
             tasks.append(asyncio.create_task(one(http, url, sc, body, sample)))
         await asyncio.gather(*tasks)
+        # From the start until the last answer came back.
         result.seconds = max(sc.duration_s, time.perf_counter() - start)
     return result
 
@@ -190,7 +193,7 @@ def markdown(results: list[Result]) -> str:
 
     for r in results:
         s = r.summary()
-        lines.append(f"| {r.url} | {s['offered_rps']:g} | {s['achieved_rps']:.1f} | {s['error_rate']:.2%} "
+        lines.append(f"| {r.url} | {s['offered_rps']:.1f} | {s['achieved_rps']:.1f} | {s['error_rate']:.2%} "
                      f"| {f(s['latency_ms'], 'p50', 'p90', 'p99')} | {f(s['ttft_ms'], 'p50', 'p99')} "
                      f"| {f(s['overhead_ms'], 'p50', 'p99')} | {f(s['send_lag_ms'], 'p99')} |")
     return "\n".join(lines)

@@ -396,3 +396,14 @@ def test_managed_process_reports_early_exit() -> None:
         ManagedProcess(cmd, f"http://127.0.0.1:{free_port()}/health", timeout_s=10),
     ):
         pass
+
+
+def test_any_model_serves_whatever_model_is_named() -> None:
+    """``--model '*'``: one process answers as any model (the side-by-side benchmark's shared upstream)."""
+    port = free_port()
+    cmd = _worker_cmd(port, "--model", "*")
+    with ManagedProcess(cmd, f"http://127.0.0.1:{port}/health", cwd=REPO_ROOT, timeout_s=30), \
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as sdk:
+        for name in ("qwen-a", "llama-b"):
+            got = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert got.model == name and got.usage is not None and got.usage.completion_tokens == 2

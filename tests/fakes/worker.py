@@ -14,6 +14,7 @@ Faults are injected per request with an extra body field ``"fake": {...}`` or wo
 ``POST /fake/mode`` (same keys; the body replaces the current mode, ``{}`` resets it). Keys:
 ``status`` (int), ``ttft_ms``, ``itl_ms``, ``latency_ms`` (float overrides), ``drop_after`` (int),
 ``no_usage`` (bool), ``hang`` (bool). Request keys override mode keys, which override the CLI.
+``--model "*"`` answers as whatever model a request names (one process standing in for several).
 ``latency_ms`` only delays non-streaming answers (and injected ``status`` errors); streams get
 their headers at once, then ``ttft_ms`` before the first token and ``itl_ms`` between tokens.
 

@@ -175,12 +175,18 @@ class CompletionJob:
     faults: Faults
 
 
+#: `--model '*'`: serve whatever model a request names, and answer as that model.
+ANY_MODEL = "*"
+
+
 def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, base: Faults) -> CompletionJob:
     """Validate a parsed request body against the worker; raise :class:`FakeRequestError` on rejection."""
     if not isinstance(body, dict):
         raise FakeRequestError(400, "request body must be a JSON object")
     faults = base.merged(parse_faults(body.get("fake")))
     model = body.get("model")
+    if served_model == ANY_MODEL and isinstance(model, str) and model:
+        served_model = model  # one process standing in for several models (the side-by-side benchmark)
     if model != served_model:
         raise FakeRequestError(404, f"The model `{model}` does not exist.", "model")
     prompt_tokens = prompt_tokens_of(kind, body)
