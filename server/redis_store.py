@@ -132,6 +132,11 @@ class _WriteBehind:
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             replies = [exc] * len(batch)
+        except BaseException as exc:  # cancelled (shutdown) or a bug: no caller may wait for ever
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreUnavailable(f"redis write not sent: {type(exc).__name__}"))
+            raise
         for (_, fut), reply in zip(batch, replies, strict=True):
             if fut.done():
                 continue  # its caller was cancelled
