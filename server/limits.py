@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from server.errors import GatewayError
+from server.errors import GatewayError, bad_request
 from server.keys import KeyRecord
 from server.shared import StoreGuard
 from server.store import Hold, Store, StoreUnavailable
@@ -53,7 +53,11 @@ def prompt_tokens_bound(body: dict[str, Any]) -> int:
         content = msg.get("content") if isinstance(msg, dict) else None
         if isinstance(content, list):
             media += sum(1 for p in content if isinstance(p, dict) and p.get("type") not in (None, "text"))
-    return len(orjson.dumps(parts)) + media * MEDIA_PART_TOKENS
+    try:
+        size = len(orjson.dumps(parts))
+    except orjson.JSONEncodeError as exc:  # nested deeper than the encoder writes: it could not be forwarded
+        raise bad_request(f"Request body cannot be forwarded: {exc}") from None
+    return size + media * MEDIA_PART_TOKENS
 
 
 def period(kind: str, now: float) -> tuple[str, float]:

@@ -2,8 +2,9 @@
 
 Validation is deliberately partial: known fields are type-checked, unknown fields (vLLM's extra
 sampling parameters, future OpenAI fields) are allowed and forwarded untouched, because the gateway
-forwards the client's own JSON, not a re-serialised model. Two exceptions: chat's `messages` sent to the
-text completion endpoint, and JSON nested too deep to be written out again, are refused (400).
+forwards the client's own JSON, not a re-serialised model. One exception: chat's `messages` sent to the text
+completion endpoint is refused (400). JSON nested too deep to be written out again is refused where it is
+written (`server.proxy.encode_json`, `server.limits.prompt_tokens_bound`).
 These models are also the request bodies of `/openapi.json` (`server.openapi`).
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -134,13 +134,6 @@ def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
         param = field_path(loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
-    try:
-        # The body is written out again, to the worker and to measure a keyed request's worst case: JSON nested
-        # deeper than the encoder writes (254 levels; the parser reads 1024) parses but cannot go on. Refused here,
-        # before anything measures it.
-        orjson.dumps(body)
-    except orjson.JSONEncodeError as exc:
-        raise bad_request(f"Request body cannot be forwarded: {exc}") from None
     return req
 
 
