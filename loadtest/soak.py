@@ -158,7 +158,9 @@ class Soak:
                 self.counts["stream_error"] += 1
 
     async def load(self, url: str, n: int) -> None:
-        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
+        # Idle connections are dropped well before the gateway's keep-alive ends: a request must never go out on a
+        # connection the server is closing at that moment (a client-side race, not the gateway's failure).
+        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
         async with httpx2.AsyncClient(limits=limits, timeout=30) as http:
             client = openai.AsyncOpenAI(base_url=url, api_key="x", http_client=http, max_retries=0)
             tasks: set[asyncio.Task[None]] = set()

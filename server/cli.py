@@ -85,7 +85,8 @@ def serve(
     # SIGTERM: uvicorn stops accepting connections, lets requests and streams in flight finish for up to
     # the drain timeout, then closes them (the config at start decides it; a reload cannot change it).
     uvicorn.run(app_, host=host, port=port, log_level=log_level.value, access_log=access_log,
-                timeout_graceful_shutdown=math.ceil(cfg.server.drain_timeout_s))
+                timeout_graceful_shutdown=math.ceil(cfg.server.drain_timeout_s),
+                timeout_keep_alive=cfg.server.keep_alive_s)
 
 
 @app.command("train")

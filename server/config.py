@@ -162,6 +162,9 @@ class ServerConfig(_Model):
     max_message_chars: Annotated[int, Field(ge=1)] = 1_000_000  # one message's text, all its parts together
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000  # max_tokens and max_completion_tokens
     max_n: Annotated[int, Field(ge=1, le=128)] = 16  # answers per request
+    # How long an idle client connection is kept open. Longer than the idle timeout of the load balancers in front
+    # (60 s on the common ones), so a balancer never reuses a connection the gateway is closing at that moment.
+    keep_alive_s: Annotated[int, Field(ge=1)] = 75
     # On SIGTERM: stop accepting connections, let requests and streams in flight finish for up to this long,
     # then close.
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
