@@ -52,6 +52,21 @@ def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
 
 
+def stream_killing(url: str, body: dict[str, Any], worker: ManagedProcess, after: int,
+                   timeout_s: float) -> tuple[httpx.Headers, list[str]]:
+    """Stream a chat completion through the gateway at `url`, SIGKILL `worker` once `after` events arrived, and
+    return the response headers and every event's data, to the end of the stream."""
+    events: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+            if len(events) == after:
+                worker.kill()
+        return resp.headers, events
+
+
 @pytest.fixture
 def stack() -> Iterator[ExitStack]:
     with ExitStack() as s:
@@ -64,14 +79,7 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_event_and_done
     proc, url = serve_gateway(gateway_config([worker("small", small, "fake-small")]), tmp_path)
     stack.enter_context(proc)
     body = {"model": "small", "messages": MSG, "max_tokens": 200, "stream": True, "fake": {"itl_ms": 50}}
-    events: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-            if len(events) == 3:
-                small.kill()
+    _, events = stream_killing(url, body, small, after=3, timeout_s=30)
     assert events[-1] == "[DONE]", "the stream ends properly, never a silent truncation"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "upstream_stream_error" and "mid-stream" in error["message"]

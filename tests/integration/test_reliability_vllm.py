@@ -9,14 +9,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from loadtest.engines import has_avx2, vllm_process, vllm_ready
 from tests.conftest import serve_gateway, start_fake
 from tests.integration.promtext import sample_sum
-from tests.integration.test_reliability import gateway_config, worker
+from tests.integration.test_reliability import gateway_config, stream_killing, worker
 from tests.procs import free_port
 
 pytestmark = pytest.mark.vllm
@@ -47,14 +46,8 @@ def test_vllm_killed_mid_stream_then_the_fallback_answers(tmp_path: Path, stack:
     stack.enter_context(proc)
 
     body = {"model": "auto", "messages": MSG, "max_tokens": 400, "stream": True, "ignore_eos": True}
-    events: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as resp:
-        assert resp.status_code == 200 and resp.headers["x-turnout-model"] == "small"
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-            if len(events) == 5:
-                vllm.kill()
+    headers, events = stream_killing(url, body, vllm, after=5, timeout_s=120)
+    assert headers["x-turnout-model"] == "small"
     assert events[-1] == "[DONE]", "the stream ends properly, never a silent truncation"
     assert json.loads(events[-2])["error"]["code"] == "upstream_stream_error"
     assert len(events) < 100, "the stream was cut by the kill, not run to its end"
