@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from routers.artifacts import save_artifact
 from routers.dataset import RoutingData, load_table, train_test
-from routers.embed_cache import embed_corpus
+from routers.embed_cache import cache_dir, embed_corpus, model_cache_dir
 from routers.embedders import Embedder, make_embedder
 from routers.evaluation import plot_curves, plot_pgr
 from routers.replay import plot_regret, replay
@@ -25,21 +24,6 @@ from routers.report import EvalOptions, eval_rows, evaluate_group, task_groups
 from routers.training import train
 
 F32 = npt.NDArray[np.float32]
-
-
-def cache_root() -> Path:
-    """Turnout's cache directory: `$TURNOUT_CACHE`, else `~/.cache/turnout`."""
-    return Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
-
-
-def cache_dir() -> Path:
-    """Where table embeddings are kept between runs."""
-    return cache_root() / "embeddings"
-
-
-def model_cache_dir() -> Path:
-    """Where derived model files (the static embedder's distilled table) are kept between runs."""
-    return cache_root() / "models"
 
 
 def load_and_embed(table: Path, embedder_spec: str, console: Console) -> tuple[RoutingData, F32, Embedder]:

@@ -21,7 +21,23 @@ if TYPE_CHECKING:
     # Only for annotations: routers.embedders imports this module, so a runtime import would be circular.
     from routers.embedders import Embedder
 
-__all__ = ["CachedEmbedder", "corpus_key", "embed_corpus"]
+__all__ = ["CachedEmbedder", "cache_dir", "cache_root", "corpus_key", "embed_corpus", "model_cache_dir"]
+
+
+def cache_root() -> Path:
+    """Turnout's cache directory: `$TURNOUT_CACHE`, else `~/.cache/turnout`."""
+    return Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
+
+
+def cache_dir() -> Path:
+    """Where table embeddings are kept between runs."""
+    return cache_root() / "embeddings"
+
+
+def model_cache_dir() -> Path:
+    """Where derived model files (the static embedder's distilled table) are kept between runs."""
+    return cache_root() / "models"
+
 
 
 class CachedEmbedder:

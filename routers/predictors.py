@@ -13,7 +13,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
 
 from routers.textstats import TextStats
 
@@ -120,6 +119,9 @@ class ProbePredictor:
     def fit(cls, x: F32, scores: F64, c: float = 1.0, stats: F64 | None = None) -> ProbePredictor:
         """Fit one regularised logistic regression per model (C = `c`); with `stats` (the training
         prompts' raw text statistics) they are standardised and appended to the embedding."""
+        # Imported here: scikit-learn (with scipy) costs the gateway ~100 MiB resident and only training fits.
+        from sklearn.linear_model import LogisticRegression
+
         text_stats = TextStats.fit(stats) if stats is not None else None
         feats = text_stats.features(x, stats) if text_stats is not None and stats is not None else x
         m, d = scores.shape[1], feats.shape[1]

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from routers.commands import model_cache_dir
+from routers.embed_cache import model_cache_dir
 from routers.embedders import Embedder, make_embedder
 from routers.embedders import embedder_id as embedder_id_of  # `embedder_id` is a parameter name here
 from server.accounting import Recorder
