@@ -6,7 +6,12 @@ Checks that every request ends in a success or a well-formed OpenAI error, that 
 status equal the gateway's `turnout_requests_total` exactly, and measures the gateway's memory (RSS) from the
 first minute to the last.
 
-    python -m loadtest.soak [--requests 10000] [--rate 80] [--out loadtest/results/soak]
+With `--routed`, the gateway routes with the `cost_aware` policy (kNN artifact trained on the bundled table)
+and the ONNX embedder, over the table's nine models (each served by two of the three fake workers), and the
+requests carry the table's real prompts, so every request is embedded and scored: the gateway's memory as a
+production deployment runs it.
+
+    python -m loadtest.soak [--requests 10000] [--rate 80] [--routed] [--out loadtest/results/soak]
 """
 
 from __future__ import annotations
@@ -85,14 +90,42 @@ def label_of(status: int, code: str) -> str:
     return "client_error" if status < 500 else code
 
 
+@dataclass
+class Routed:
+    """Learned routing for a soak: a `cost_aware` artifact, its models and their prices, real prompts."""
+
+    artifact: str
+    models: list[str]
+    prices: dict[str, float]  # USD per 1M tokens
+    prompts: list[str]
+
+    @classmethod
+    def from_bundled_table(cls, seed: int) -> Routed:
+        """The bundled table's artifact (trained on first use, as `loadtest.routing_overhead` does) and its
+        unique prompts in a seeded order."""
+        from loadtest.engines import BUNDLED_TABLE
+        from loadtest.routing_overhead import ensure_artifacts
+        from routers.dataset import load_table
+
+        data = load_table(BUNDLED_TABLE)
+        artifact = ensure_artifacts(BUNDLED_TABLE, data, False, "onnx")["cost_aware"]["path"]
+        raw = json.loads((BUNDLED_TABLE.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
+        models = sorted(data.models)
+        prompts = list(dict.fromkeys(data.prompts))
+        random.Random(seed).shuffle(prompts)
+        return cls(artifact, models, {m: float(raw.get(m, {}).get("input_price", 0.0)) for m in models}, prompts)
+
+
 class Soak:
     """The processes and the two loops (load and chaos) of one soak run."""
 
-    def __init__(self, tmp: Path, rate: float, seed: int) -> None:
-        self.tmp, self.rate = tmp, rate
+    def __init__(self, tmp: Path, rate: float, seed: int, routed: Routed | None = None) -> None:
+        self.tmp, self.rate, self.routed = tmp, rate, routed
         self.rng = random.Random(seed)
         self.ports = {"small-a": free_port(), "small-b": free_port(), "big": free_port()}
-        self.models = {"small-a": "fake-small", "small-b": "fake-small", "big": "fake-big"}
+        # Routed: each fake worker answers as any model ('*'); the gateway's config says which serves what.
+        self.models = ({name: "*" for name in self.ports} if routed else
+                       {"small-a": "fake-small", "small-b": "fake-small", "big": "fake-big"})
         self.workers: dict[str, ManagedProcess] = {}
         self.gw_port = free_port()
         self.counts: collections.Counter[str] = collections.Counter()
@@ -103,6 +136,15 @@ class Soak:
     def config(self) -> dict[str, Any]:
         """Short timeouts (a hang costs a second, not ten minutes) and quick breakers and health checks."""
         return {
+            **(self.routed_workers() if self.routed else self.pair_workers()),
+            "upstream": {"ttft_timeout_s": 1.0, "idle_timeout_s": 1.0, "total_timeout_s": 2.0},
+            "reliability": {"breaker_failures": 5, "breaker_open_s": 2.0, "queue_timeout_s": 1.0},
+            "server": {"health_interval_s": 1.0, "health_timeout_s": 0.5},
+        }
+
+    def pair_workers(self) -> dict[str, Any]:
+        """Two models: `fake-small` on two workers, `fake-big` on one, chosen 3:1 by weight."""
+        return {
             "workers": [{"name": name, "model": self.models[name], "base_url": f"http://127.0.0.1:{port}/v1",
                          "price": {"input_per_1m": 0.1 if name != "big" else 1.0,
                                    "output_per_1m": 0.2 if name != "big" else 3.0},
@@ -110,10 +152,20 @@ class Soak:
                         for name, port in self.ports.items()],
             "policies": {"pair": {"type": "weighted", "weights": {"fake-small": 3, "fake-big": 1}, "seed": 1}},
             "default_policy": "pair",
-            "upstream": {"ttft_timeout_s": 1.0, "idle_timeout_s": 1.0, "total_timeout_s": 2.0},
-            "reliability": {"breaker_failures": 5, "breaker_open_s": 2.0, "queue_timeout_s": 1.0},
-            "server": {"health_interval_s": 1.0, "health_timeout_s": 0.5},
         }
+
+    def routed_workers(self) -> dict[str, Any]:
+        """The artifact's models, each on two of the three fake workers, routed by `cost_aware` with the ONNX
+        embedder (the gateway's default embedder settings)."""
+        assert self.routed is not None
+        names = list(self.ports)
+        workers = [{"name": f"m{i}-{host}", "model": model, "base_url": f"http://127.0.0.1:{self.ports[host]}/v1",
+                    "price": {"input_per_1m": self.routed.prices[model], "output_per_1m": self.routed.prices[model]},
+                    "health_url": f"http://127.0.0.1:{self.ports[host]}/health", "max_concurrency": 64}
+                   for i, model in enumerate(self.routed.models) for host in (names[i % 3], names[(i + 1) % 3])]
+        return {"workers": workers, "embedder": {"backend": "onnx"},
+                "policies": {"routed": {"type": "cost_aware", "artifact": self.routed.artifact, "lambda": 0.5}},
+                "default_policy": "routed"}
 
     def start_worker(self, name: str) -> ManagedProcess:
         proc = fake_process(self.ports[name], self.models[name], self.tmp / f"{name}.log")
@@ -125,7 +177,11 @@ class Soak:
         """One request of a random kind; its outcome counted by the gateway's status label."""
         kind = self.rng.random()
         stream = 0.6 <= kind < 0.85
-        kwargs: dict[str, Any] = {"model": "auto" if kind < 0.9 else "fake-small", "messages": MSG,
+        messages, named = MSG, "fake-small"
+        if self.routed:
+            messages = [{"role": "user", "content": self.routed.prompts[i % len(self.routed.prompts)]}]
+            named = self.routed.models[i % len(self.routed.models)]
+        kwargs: dict[str, Any] = {"model": "auto" if kind < 0.9 else named, "messages": messages,
                                   "max_tokens": self.rng.randint(2, 12)}
         if kind >= 0.95:
             kwargs["max_tokens"] = -1  # a bad request: 400 from the gateway
@@ -227,9 +283,9 @@ def gateway_counts(metrics_text: str) -> tuple[dict[str, int], float]:
     return dict(by_status), in_flight
 
 
-def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7) -> SoakResult:
+def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7, routed: Routed | None = None) -> SoakResult:
     """Run one soak (see the module docstring) and return what it saw."""
-    soak = Soak(tmp, rate, seed)
+    soak = Soak(tmp, rate, seed, routed)
     cfg_path = tmp / "gateway.yaml"
     cfg_path.write_text(yaml.safe_dump(soak.config()))
     with contextlib.ExitStack() as stack:
@@ -281,21 +337,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--rate", type=float, default=80.0, help="requests per second")
-    ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "soak")
+    ap.add_argument("--routed", action="store_true",
+                    help="cost_aware routing with the ONNX embedder over the bundled table's models and prompts")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default loadtest/results/soak, or soak-routed with --routed")
     args = ap.parse_args()
-    result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")))
+    out = args.out or REPO / "loadtest" / "results" / ("soak-routed" if args.routed else "soak")
+    routed = Routed.from_bundled_table(seed=7) if args.routed else None
+    result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")), routed=routed)
     first, last = result.rss_minutes()
-    plot(result, args.out.with_suffix(".png"))
+    plot(result, out.with_suffix(".png"))
+    if routed:
+        setup = (f"One gateway process routing with the `cost_aware` policy (artifact trained on the bundled table, "
+                 f"lambda 0.5) and the ONNX embedder (default settings: cache of 10,000 prompts), over the table's "
+                 f"{len(routed.models)} models, each served by two of three fake workers, on {os.cpu_count()} CPUs. "
+                 f"Prompts: the table's {len(routed.prompts)} unique prompts in a seeded order, cycled.")
+        named = "a table model named directly"
+    else:
+        setup = (f"One gateway process, three fake workers (two replicas of `fake-small`, one `fake-big`) on "
+                 f"{os.cpu_count()} CPUs.")
+        named = "a model named directly"
+    command = f"python -m loadtest.soak --requests {args.requests} --rate {args.rate:g}"
+    command += " --routed" if routed else ""
     lines = [
-        f"# Soak: {result.requests} requests at {args.rate:g}/s under worker faults",
+        f"# Soak: {result.requests} requests at {args.rate:g}/s under worker faults"
+        + (", routed (cost_aware, ONNX embedder)" if routed else ""),
         "",
-        f"One gateway process, three fake workers (two replicas of `fake-small`, one `fake-big`) on "
-        f"{os.cpu_count()} CPUs. A chaos task gives a random worker a new fault about every second "
+        setup + " A chaos task gives a random worker a new fault about every second "
         "(500s, hangs, streams cut after 2 chunks, 300 ms answers, or healed) and crashes one (SIGKILL) every "
-        "15 s, restarting it 3 s later. Requests: 60% chat, 25% streamed, 10% a model named directly, "
+        f"15 s, restarting it 3 s later. Requests: 60% chat, 25% streamed, 10% {named}, "
         "5% invalid (400), from the `openai` SDK.",
         "",
-        "Command: `python -m loadtest.soak --requests 10000`.",
+        f"Command: `{command}`.",
         "",
         f"- Duration: {result.seconds:.0f} s.",
         f"- Client-side outcomes: {dict(sorted(result.client.items()))}.",
@@ -303,16 +376,17 @@ def main() -> None:
         f"- Equal: {result.client == result.gateway}; malformed responses: {len(result.malformed)}; "
         f"in-flight gauge after: {result.in_flight_after:g}.",
         f"- Gateway RSS, median of the first minute {first:.1f} MiB, of the last minute {last:.1f} MiB "
-        f"({(last / first - 1) * 100:+.1f}%).",
+        f"({(last / first - 1) * 100:+.1f}%); highest sample {max(m for _, m in result.rss_mb):.1f} MiB.",
         f"- Chaos actions: {dict(sorted(result.faults.items()))}.",
         "",
-        "![RSS](soak.png)",
+        f"![RSS]({out.with_suffix('.png').name})",
     ]
-    data = {"requests": result.requests, "rate": args.rate, "seconds": result.seconds, "client": result.client,
+    data = {"requests": result.requests, "rate": args.rate, "routed": routed is not None,
+            "seconds": result.seconds, "client": result.client,
             "gateway": result.gateway, "malformed": result.malformed, "rss_mb": result.rss_mb,
             "rss_first_minute_mb": first, "rss_last_minute_mb": last, "faults": result.faults,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    write_results(args.out, data, "\n".join(lines))
+    write_results(out, data, "\n".join(lines))
 
 
 if __name__ == "__main__":

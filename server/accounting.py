@@ -59,6 +59,9 @@ class Exchange:
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).
     fallback_from: list[str] = field(default_factory=list)
     retries: int = 0  # re-sends to the same model after a failure before the first byte
+    # The current worker's failure is already in `turnout_upstream_errors` (counted where it happened, before
+    # a retry or fallback), so the end of the request must not count it again.
+    failure_counted: bool = False
     # Savings are counted against this price (the live config's reference model when the request started).
     reference_price: Price | None = None
     reference_cost_usd: float | None = None
@@ -177,7 +180,7 @@ class Recorder:
                     m.reference_cost.labels(model, policy).inc(ex.reference_cost_usd)
                     m.savings.labels(policy).inc(ex.reference_cost_usd - ex.cost_usd)
         m.overhead.observe(ex.overhead_s(now))
-        if ex.status not in ("ok", "client_error") and ex.worker:
+        if ex.status not in ("ok", "client_error") and ex.worker and not ex.failure_counted:
             m.upstream_errors.labels(ex.worker, ex.status).inc()
         if ex.decision is not None:
             m.decisions.labels(policy, ex.decision.chosen, "affinity" if ex.affinity else "policy").inc()

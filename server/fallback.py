@@ -30,13 +30,14 @@ def fallback_targets(sel: Selection, registry: WorkerRegistry, max_fallbacks: in
     return [sel.target, *list(dict.fromkeys(rest))[:max_fallbacks]]
 
 
-def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, to: str) -> None:
-    """Record that `ex`'s worker failed before its first byte and the request moves on to target `to`."""
-    to_model = registry.resolve(to)[0].model
-    assert ex.worker is not None and ex.model is not None
+def note_fallback(gw: GatewayState, registry: WorkerRegistry, ex: Exchange, err: GatewayError, failed: str,
+                  to: str) -> None:
+    """Record that target `failed` failed before its first byte (`err`: its worker's failure, or no worker was
+    left to try) and the request moves on to target `to`. The worker's own failure is counted where it
+    happened (see `proxy._send`); `ex.worker` may name an earlier target's worker here."""
+    from_model, to_model = registry.resolve(failed)[0].model, registry.resolve(to)[0].model
     if gw.metrics.enabled:
-        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
-        gw.metrics.fallbacks.labels(ex.policy or "", ex.model, to_model, err.status_label()).inc()
-    ex.fallback_from.append(ex.model)
-    log.warning("request %s: worker %s failed before its first byte (%s); falling back to %s",
-                ex.request_id, ex.worker, err.log_message(), to_model)
+        gw.metrics.fallbacks.labels(ex.policy or "", from_model, to_model, err.status_label()).inc()
+    ex.fallback_from.append(from_model)
+    log.warning("request %s: %s failed before its first byte (%s); falling back to %s",
+                ex.request_id, from_model, err.log_message(), to_model)

@@ -205,19 +205,23 @@ async def _send(gw: GatewayState, live: Live, request: Request, path: str, body:
                 if attempt:
                     note_retry(gw, ex, last, target)
             delay = rel.retry_backoff_s * 2 ** (attempt - 1) * random.random() if attempt else 0.0
+            ex.worker, ex.model, ex.failure_counted = worker.name, worker.model, False
             try:
                 return await until_disconnect(request, _attempt(gw, rel, worker, path, body, ex, wants_usage,
                                                                 delay))
             except GatewayError as err:
                 if err.code not in FALLBACK_CODES:
                     raise
+                if gw.metrics.enabled:  # here, once per failed attempt, whatever follows it
+                    gw.metrics.upstream_errors.labels(worker.name, err.status_label()).inc()
+                ex.failure_counted = True
                 last = err
                 failed.add(worker.name)
                 others = any(w.name not in failed for w in live.registry.usable(target))
                 if err.code not in RETRY_CODES and not others:
                     break  # a hung or saturated worker would be so again: go to the next target
         if index < len(targets) - 1 and last is not None:
-            note_fallback(gw, live.registry, ex, last, targets[index + 1])
+            note_fallback(gw, live.registry, ex, last, target, targets[index + 1])
     assert last is not None  # every path that does not return sets it
     raise last
 
@@ -229,7 +233,6 @@ async def _attempt(gw: GatewayState, rel: ReliabilityConfig, worker: Worker, pat
     if delay_s:
         await asyncio.sleep(delay_s)
     lease = await Lease.take(worker, rel)
-    ex.worker, ex.model = worker.name, worker.model
     body["model"] = worker.model
     payload = encode_json(body)
     try:
@@ -247,10 +250,10 @@ async def _attempt(gw: GatewayState, rel: ReliabilityConfig, worker: Worker, pat
 
 
 def note_retry(gw: GatewayState, ex: Exchange, err: GatewayError, target: str) -> None:
-    """Record that the request goes to `target` again after `err`."""
+    """Record that the request goes to `target` again after `err` (the failure of `ex.worker`, which served it;
+    already counted in `turnout_upstream_errors`)."""
     if gw.metrics.enabled:
-        assert ex.model is not None and ex.worker is not None
-        gw.metrics.upstream_errors.labels(ex.worker, err.status_label()).inc()
+        assert ex.model is not None
         gw.metrics.retries.labels(ex.model, err.status_label()).inc()
     ex.retries += 1
     log.warning("request %s: worker %s failed before its first byte (%s); retrying %s", ex.request_id,

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from server.errors import no_worker_available
 from tests.conftest import Upstream, fake_config, gateway_in_process
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -91,3 +92,32 @@ async def test_a_client_error_does_not_fall_back(fakes: dict[str, Upstream], fak
         resp = await gw.http.post("/v1/chat/completions", json={"model": "turnout/split", "messages": HI})
         assert resp.status_code == 400 and "x-turnout-fallback-from" not in resp.headers
         assert await asyncio.to_thread(requests_seen, fakes) == 1, "the request went to one worker only"
+
+
+async def test_a_chosen_model_left_without_a_worker_falls_back(fakes: dict[str, Upstream], fake_reset: None) -> None:
+    # Under load a model's last breaker can open between routing and sending: the chosen target then has no worker
+    # to pick at all. That must fall back like a failed worker (it once crashed with a 500), and count no worker
+    # failure, since no worker was tried.
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        registry = gw.app.state.gateway.live.registry
+        real_pick = registry.pick
+
+        def pick(target: str, avoid: frozenset[str] = frozenset()) -> Any:
+            if registry.resolve(target)[0].model == "fake-small":
+                raise no_worker_available(target)
+            return real_pick(target, avoid)
+
+        registry.pick = pick
+        fell_back = 0
+        for _ in range(12):
+            raw = await gw.client.chat.completions.with_raw_response.create(
+                model="turnout/split", messages=HI, max_tokens=3)
+            assert raw.headers["x-turnout-model"] == "big"
+            fell_back += raw.headers.get("x-turnout-fallback-from") == "fake-small"
+        assert fell_back > 0
+        text = (await gw.http.get("/metrics")).text
+        labels = {"policy": "split", "from_model": "fake-small", "to_model": "fake-big",
+                  "reason": "no_healthy_worker"}
+        assert sample(text, "turnout_fallbacks_total", labels) == fell_back
+        assert "turnout_upstream_errors_total{" not in text
+        assert await asyncio.to_thread(requests_seen, fakes) == 12, "only the healthy model's worker was sent to"
