@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
-from loadtest.sidebyside import max_sustained, sustains
+from loadtest.sidebyside import max_sustained, sustains, tree_cpu_s, verdicts
 
 
 def summary(p99: float, errors: float = 0.0, offered: float = 100.0, achieved: float = 100.0) -> dict[str, Any]:
@@ -27,3 +33,38 @@ def test_highest_sustained_rate() -> None:
                {"rate": 100.0, "engines": {"a": {"sustained": False}}}]
     assert max_sustained(results, "a") == 50.0 and max_sustained(results, "b") == 25.0
     assert max_sustained(results, "c") == 0.0
+
+
+def test_tree_cpu_counts_the_children(tmp_path: Path) -> None:
+    # A parent that spends no CPU itself and a child that burns about 0.3 s of it, then both wait.
+    marker = tmp_path / "burnt"
+    child = (f"import pathlib, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+             f"pathlib.Path({str(marker)!r}).touch()\ntime.sleep(30)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys\n"
+                               f"subprocess.run([sys.executable, '-c', {child!r}])"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        own = float(sum(int(f) for f in Path(f"/proc/{parent.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+        assert tree_cpu_s(parent.pid) - own / os.sysconf("SC_CLK_TCK") >= 0.25
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child too
+        parent.wait()
+
+
+def test_verdicts_compare_at_rates_both_sustain() -> None:
+    def row(rate: float, ours: tuple[bool, float], theirs: tuple[bool, float]) -> dict[str, Any]:
+        return {"rate": rate, "engines": {
+            "turnout-cost-aware": {"sustained": ours[0], "added_ms": {"p99": ours[1]}},
+            "litellm": {"sustained": theirs[0], "added_ms": {"p99": theirs[1]}}}}
+
+    met = verdicts([row(10, (True, 5.0), (True, 40.0)), row(25, (True, 9.0), (False, 60.0)),
+                    row(50, (True, 20.0), (False, 90.0))])
+    assert met[0].endswith("lower at 1 of 1: met.") and "(10/s)" in met[0]
+    assert met[1].endswith("50/s against 10/s: met.")
+    worse = verdicts([row(10, (True, 50.0), (True, 40.0)), row(25, (False, 9.0), (True, 60.0))])
+    assert worse[0].endswith("NOT met.") and worse[1].endswith("10/s against 25/s: NOT met.")
+    assert verdicts([row(10, (False, 5.0), (False, 40.0))])[0].endswith("(none): turnout-cost-aware lower at 0 of "
+                                                                         "0: NOT met.")
