@@ -3,7 +3,8 @@
 #   docker run -p 8080:8080 -v "$PWD/deploy/configs:/etc/turnout:ro" \
 #     -e TURNOUT_CONFIG=/etc/turnout/compose.yaml turnout:0.1.0
 # Nothing is fetched at run time: the MiniLM ONNX model ships in a pinned package, and the static embedder's
-# table is distilled from it here, at build time.
+# table is distilled from it here, at build time. The training stack (`turnout[train]`: scikit-learn, pandas,
+# pyarrow, matplotlib) stays out: the gateway serves artifacts trained elsewhere with `turnout train`.
 
 FROM python:3.11.7-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 TURNOUT_CACHE=/opt/turnout-cache
@@ -13,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY routers ./routers
 RUN /opt/turnout/bin/pip install --no-cache-dir . \
-    && /opt/turnout/bin/python -c "from routers.commands import model_cache_dir; \
+    && /opt/turnout/bin/python -c "from routers.embed_cache import model_cache_dir; \
 from routers.static_embedder import load_or_distil; load_or_distil(model_cache_dir())"
 
 FROM python:3.11.7-slim-bookworm

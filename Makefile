@@ -12,13 +12,13 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the gateway's packages into $(VENV) (log: $(VENV)/pip.log)"
 	@$(BIN)/pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	@$(BIN)/pip install -q -e ".[dev]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	@$(BIN)/python -c "import server, routers, openai" && touch $(STAMP)
+	@$(BIN)/pip install -q -e ".[train,dev]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/python -c "import server, routers, openai, sklearn" && touch $(STAMP)
 
 # The optional sentence-transformers backend (torch): only the tests need it, so the demo starts sooner.
 $(ST_STAMP): $(STAMP)
 	@echo "installing the optional sentence-transformers backend into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/pip install -q -e ".[dev,st]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(BIN)/pip install -q -e ".[train,dev,st]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@$(BIN)/python -c "import sentence_transformers" && touch $(ST_STAMP)
 
 venv: $(STAMP)

@@ -30,11 +30,11 @@ def vllm_ready() -> bool:
             and (VLLM_CACHE / "models" / "gemma3-270m" / ".turnout-ready").exists())
 
 
-def vllm_process(port: int, log_path: Path, name: str = "gemma3-270m", cores: str = "") -> ManagedProcess:
-    """A vLLM CPU server on loopback (not yet started); ready takes about a minute."""
-    cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name]
-    if cores:
-        cmd.append(cores)
+def vllm_process(port: int, log_path: Path, name: str = "gemma3-270m", cores: str = "",
+                 args: tuple[str, ...] = ()) -> ManagedProcess:
+    """A vLLM CPU server on loopback (not yet started); ready takes about a minute. `name`: one served model
+    name or several, comma-separated; `args`: more vLLM server arguments."""
+    cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name, cores, *args]
     return ManagedProcess(cmd, ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, timeout_s=400)
 
 

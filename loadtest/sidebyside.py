@@ -62,6 +62,7 @@ class Upstream:
     step_s: float
     description: str
     extra_body: dict[str, Any]
+    max_prompt_chars: int | None = None  # only the pool's prompts up to this length
 
 
 UPSTREAMS = {
@@ -70,8 +71,9 @@ UPSTREAMS = {
                      f"one fake worker answering after {FAKE_LATENCY_MS} ms", {}),
     # This CPU's vLLM build answers about 0.7 requests/s (16 tokens, about 1.5 s each, hardly faster in batches).
     "vllm": Upstream("vllm", "0.25,0.5,1", 60.0,
-                     f"the vLLM CPU worker ({VLLM_MODEL}, bfloat16, on the same 2 CPUs), exactly {MAX_TOKENS} tokens "
-                     "per answer (`ignore_eos`)", {"ignore_eos": True}),
+                     f"the vLLM CPU worker ({VLLM_MODEL}, bfloat16, prefix caching off, on the same 2 CPUs), exactly "
+                     f"{MAX_TOKENS} tokens per answer (`ignore_eos`), the pool's prompts of at most 400 characters",
+                     {"ignore_eos": True}, max_prompt_chars=400),
 }
 
 
@@ -151,7 +153,7 @@ def main() -> None:
     prices_raw = json.loads((BUNDLED_TABLE.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
     models = sorted(data.models)
     prices = {m: float(prices_raw.get(m, {}).get("input_price", 0.0)) for m in models}
-    prompts = make_pools(data, 1).mixed[:2000]
+    prompts = [p for p in make_pools(data, 1).mixed if len(p) <= (up.max_prompt_chars or len(p))][:2000]
     tmp = Path(tempfile.mkdtemp(prefix="turnout-sidebyside-"))
     key = "sk-bench-" + secrets.token_hex(16)
 
@@ -162,7 +164,10 @@ def main() -> None:
             model = "fake-model"
         else:
             print("starting the vLLM CPU worker (about a minute)", flush=True)
-            stack.enter_context(vllm_process(up_port, tmp / "vllm.log", name=",".join([VLLM_MODEL, *models])))
+            # Prefix caching off: the engines send the same prompts in turn, and a cache would favour all but the
+            # first (its prefills were done already).
+            stack.enter_context(vllm_process(up_port, tmp / "vllm.log", name=",".join([VLLM_MODEL, *models]),
+                                             args=("--no-enable-prefix-caching",)))
             model = VLLM_MODEL
         upstream_url = f"http://127.0.0.1:{up_port}/v1"
         paths = engine_configs(tmp, upstream_url, model, models, prices, artifact)

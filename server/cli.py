@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib.util
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError, KeyConfig
@@ -89,6 +91,17 @@ def serve(
                 timeout_keep_alive=cfg.server.keep_alive_s)
 
 
+def _need_training_stack() -> None:
+    """`train` and `eval` need the `turnout[train]` extra, which a gateway install (its image) leaves out: say so
+    instead of failing with an import traceback."""
+    missing = [m for m in ("sklearn", "pandas", "pyarrow", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = escape("pip install 'turnout[train]'")
+        err.print(f"[red]turnout train and eval need the training packages ({', '.join(missing)} missing): "
+                  f"{hint}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1)
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path, typer.Option(help="Routing table (parquet, jsonl or csv)")],
@@ -97,6 +110,7 @@ def train_cmd(
     embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "onnx",
 ) -> None:
     """Train a router on a table's training rows and write a versioned artifact."""
+    _need_training_stack()
     from routers.commands import run_train
     from routers.dataset import TableError
 
@@ -122,6 +136,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of splits and replays")] = 0,
 ) -> None:
     """Train each router on the training rows and report every routing metric on the evaluation rows."""
+    _need_training_stack()
     from routers.commands import run_eval
     from routers.dataset import TableError
     from routers.report import EvalOptions

@@ -5,6 +5,7 @@ cost the gateway about 100 MiB of resident memory against a 400 MiB target (see 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,3 +53,20 @@ def test_serving_imports_no_training_stack(artifacts: dict[str, str]) -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_train_without_the_training_extra_says_what_to_install(tmp_path: Path) -> None:
+    # As in the gateway's image: scikit-learn not installed (hidden from this subprocess).
+    script = textwrap.dedent("""
+        import importlib.util, sys
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "sklearn" else real(name, *a)
+        from server.cli import main
+        sys.argv = ["turnout", "train", "--data", "t.parquet", "--router", "knn", "--out", "art"]
+        main()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    assert out.returncode == 1
+    assert "sklearn missing" in out.stderr and "pip install 'turnout[train]'" in out.stderr
+    assert not (tmp_path / "art").exists()
