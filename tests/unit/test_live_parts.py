@@ -7,18 +7,21 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from routers.base import RoutingDecision, RoutingOutcome, RoutingRequest
+from server.config import parse_config
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
-from server.load import parse_vllm_load
+from server.load import LoadMonitor, parse_vllm_load
 from server.metrics import Metrics
 from server.sessions import AffinityStore
 from server.shared import StoreGuard
 from server.store import MemoryStore
+from server.workers import WorkerRegistry
 from tests.routing_fixtures import TopicEmbedder
 
 
@@ -87,8 +90,12 @@ def test_parse_vllm_load() -> None:
     ])
     assert parse_vllm_load(text) == (3.0, 7.0, 0.5)
     assert parse_vllm_load("# TYPE other gauge\nother 1\n") == (None, None, None)
+    assert parse_vllm_load("this is { not prometheus") == (None, None, None)  # then "no vllm queue gauges"
     with pytest.raises(ValueError):
-        parse_vllm_load("this is { not prometheus")
+        parse_vllm_load('vllm:num_requests_running{engine="0" 3.0')
+    # Only the gauges' lines are parsed, but all of them, wherever they are among vLLM's histograms.
+    noise = "\n".join(f'vllm:e2e_request_latency_seconds_bucket{{le="{i}"}} {i}' for i in range(500))
+    assert parse_vllm_load(noise + "\n" + text + noise) == (3.0, 7.0, 0.5)
 
 
 async def test_affinity_store_expires_and_refreshes() -> None:
@@ -147,3 +154,27 @@ async def test_feedback_book() -> None:
     assert await book.give("old", 0.5, routers) == ("accepted", "rec") and len(rec.seen) == 1
     now[0] = 61.0
     assert await book.give("r3", 0.5, routers) == ("unknown", None)
+
+
+async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
+    # Three workers: two model names served by one vLLM (one metrics URL) and a second server.
+    cfg = parse_config({
+        "workers": [{"name": "a", "model": "m1", "base_url": "http://one:8000/v1"},
+                    {"name": "b", "model": "m2", "base_url": "http://one:8000/v1"},
+                    {"name": "c", "model": "m1", "base_url": "http://two:8000/v1"}],
+        "policies": {"p": {"type": "fixed", "worker": "a"}}, "default_policy": "p"})
+    hits: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hits.append(str(request.url))
+        waiting = 4.0 if request.url.host == "one" else 1.0
+        return httpx.Response(200, text=f"vllm:num_requests_running 2.0\nvllm:num_requests_waiting {waiting}\n")
+
+    registry = WorkerRegistry(cfg)
+    monitor = LoadMonitor(registry, 1.0, 1.0, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    await monitor.visit_all()
+    assert sorted(hits) == ["http://one:8000/metrics", "http://two:8000/metrics"]
+    w = registry.workers
+    assert (w["a"].waiting, w["b"].waiting, w["c"].waiting) == (4.0, 4.0, 1.0)
+    assert w["a"].load_at == w["b"].load_at is not None and w["a"].load_error is None
+    await monitor.stop()
