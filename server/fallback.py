@@ -17,6 +17,9 @@ log = logging.getLogger("turnout.fallback")
 #: `RETRY_CODES`) to the same model again. A busy or vanished worker counts too: the request never reached it.
 FALLBACK_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error", "worker_overloaded",
                             "no_healthy_worker"})
+#: A worker's own line (`max_concurrency`, `max_queue`) refused the request in the gateway: nothing was sent to it,
+#: so it is no failed exchange with the worker and a send after it is no re-send.
+QUEUE_REFUSED = "worker_overloaded"
 #: The failures worth retrying on the same model (a worker that timed out or is at capacity would be so again).
 RETRY_CODES = frozenset({"upstream_unreachable", "upstream_error"})
 

@@ -28,6 +28,7 @@ _GAUGES = (RUNNING, WAITING, *KV_USAGE)
 
 def _wanted(line: str) -> bool:
     """A line of one of the queue gauges: a sample, or its `# HELP` / `# TYPE` comment."""
+    line = line.lstrip()  # as the parser reads it
     if line.startswith("#"):
         parts = line.split(None, 3)
         return len(parts) >= 3 and parts[2] in _GAUGES

@@ -35,7 +35,7 @@ from server.errors import (
     upstream_stream_error,
     upstream_timeout,
 )
-from server.fallback import FALLBACK_CODES, RETRY_CODES, fallback_targets, note_fallback
+from server.fallback import FALLBACK_CODES, QUEUE_REFUSED, RETRY_CODES, fallback_targets, note_fallback
 from server.hardening import check_limits
 from server.keystore import authenticate
 from server.protocol import (
@@ -191,6 +191,8 @@ async def _send(gw: GatewayState, live: Live, request: Request, path: str, body:
     gw.retry_budget.request()
     failed: set[str] = set()  # workers that failed this request
     last: GatewayError | None = None
+    last_worker: Worker | None = None  # whose attempt `last` ended (None: no worker was left to pick)
+    sent = False  # some worker received this request: a re-send then spends from the retry budget
     for index, target in enumerate(targets):
         for attempt in range(rel.retries + 1):
             try:
@@ -199,23 +201,24 @@ async def _send(gw: GatewayState, live: Live, request: Request, path: str, body:
                 last = last or err  # a worker's own failure stays the reason
                 break
             if last is not None:
-                if not gw.retry_budget.try_spend():
+                if sent and not gw.retry_budget.try_spend():
                     gw.metrics.retry_budget_exhausted.inc()
                     raise last
-                if attempt:
-                    note_retry(gw, ex, last, target)
+                if attempt and last_worker is not None:
+                    note_retry(gw, ex, last, last_worker, target)
             delay = rel.retry_backoff_s * 2 ** (attempt - 1) * random.random() if attempt else 0.0
-            ex.worker, ex.model, ex.failure_counted = worker.name, worker.model, False
             try:
                 return await until_disconnect(request, _attempt(gw, rel, worker, path, body, ex, wants_usage,
                                                                 delay))
             except GatewayError as err:
                 if err.code not in FALLBACK_CODES:
                     raise
-                if gw.metrics.enabled:  # here, once per failed attempt, whatever follows it
-                    gw.metrics.upstream_errors.labels(worker.name, err.status_label()).inc()
-                ex.failure_counted = True
-                last = err
+                if err.code != QUEUE_REFUSED:  # it reached the worker (the gate's refusal sends nothing)
+                    sent = True
+                    if gw.metrics.enabled:  # counted here, once per failed exchange, whatever follows it
+                        gw.metrics.upstream_errors.labels(worker.name, err.status_label()).inc()
+                    ex.failure_counted = True
+                last, last_worker = err, worker
                 failed.add(worker.name)
                 others = any(w.name not in failed for w in live.registry.usable(target))
                 if err.code not in RETRY_CODES and not others:
@@ -233,6 +236,8 @@ async def _attempt(gw: GatewayState, rel: ReliabilityConfig, worker: Worker, pat
     if delay_s:
         await asyncio.sleep(delay_s)
     lease = await Lease.take(worker, rel)
+    # The exchange is this worker's from here on (not while queued: a client leaving the line owes nothing).
+    ex.worker, ex.model, ex.failure_counted = worker.name, worker.model, False
     body["model"] = worker.model
     payload = encode_json(body)
     try:
@@ -249,15 +254,14 @@ async def _attempt(gw: GatewayState, rel: ReliabilityConfig, worker: Worker, pat
     return response
 
 
-def note_retry(gw: GatewayState, ex: Exchange, err: GatewayError, target: str) -> None:
-    """Record that the request goes to `target` again after `err` (the failure of `ex.worker`, which served it;
-    already counted in `turnout_upstream_errors`)."""
+def note_retry(gw: GatewayState, ex: Exchange, err: GatewayError, failed: Worker, target: str) -> None:
+    """Record that the request goes to `target` again after `err`, the failure of worker `failed` (already
+    counted in `turnout_upstream_errors` when it reached the worker)."""
     if gw.metrics.enabled:
-        assert ex.model is not None
-        gw.metrics.retries.labels(ex.model, err.status_label()).inc()
+        gw.metrics.retries.labels(failed.model, err.status_label()).inc()
     ex.retries += 1
     log.warning("request %s: worker %s failed before its first byte (%s); retrying %s", ex.request_id,
-                ex.worker, err.log_message(), target)
+                failed.name, err.log_message(), target)
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response | None:

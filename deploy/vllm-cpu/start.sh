@@ -7,7 +7,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${TURNOUT_CACHE:-$HOME/.cache/turnout}"
-PORT="${1:?usage: start.sh PORT [SERVED_MODEL_NAMES] [CPU_CORES]}"
+PORT="${1:?usage: start.sh PORT [SERVED_MODEL_NAMES] [CPU_CORES] [VLLM_ARGS...]}"
 IFS=, read -r -a NAMES <<< "${2:-gemma3-270m}"
 CORES="${3:-}"
 EXTRA=("${@:4}")
@@ -18,4 +18,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
 exec "$CACHE/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
   --model "$CACHE/models/gemma3-270m" --served-model-name "${NAMES[@]}" \
   --host 127.0.0.1 --port "$PORT" --dtype bfloat16 --max-model-len 2048 \
-  --chat-template "$HERE/chat_template.jinja" --enforce-eager "${EXTRA[@]}"
+  --chat-template "$HERE/chat_template.jinja" --enforce-eager ${EXTRA[@]+"${EXTRA[@]}"}

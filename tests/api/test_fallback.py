@@ -121,3 +121,28 @@ async def test_a_chosen_model_left_without_a_worker_falls_back(fakes: dict[str, 
         assert sample(text, "turnout_fallbacks_total", labels) == fell_back
         assert "turnout_upstream_errors_total{" not in text
         assert await asyncio.to_thread(requests_seen, fakes) == 12, "only the healthy model's worker was sent to"
+
+
+async def test_a_full_worker_hands_the_request_on_without_a_worker_failure(fakes: dict[str, Upstream],
+                                                                          fake_reset: None) -> None:
+    # `small` takes one request at a time and no line; the retry budget is zero. A request that finds `small`
+    # full was never sent to it: it goes to the fallback without spending the budget (nothing is re-sent) and
+    # without counting an upstream error against `small` (it once crashed with a 500 here).
+    cfg = fake_config(fakes, reliability={"max_queue": 0, "retry_budget_ratio": 0.0, "retry_budget_min_per_s": 0.0})
+    cfg["workers"][0]["max_concurrency"] = 1
+    async with gateway_in_process(cfg) as gw:
+        busy = asyncio.create_task(gw.http.post("/v1/chat/completions", json={
+            "model": "small", "messages": HI, "max_tokens": 2, "fake": {"latency_ms": 1500}}))
+        await asyncio.sleep(0.3)  # `small` is now taken
+        raws = await asyncio.gather(*(gw.client.chat.completions.with_raw_response.create(
+            model="turnout/split", messages=HI, max_tokens=3) for _ in range(8)))
+        assert all(raw.headers["x-turnout-model"] == "big" for raw in raws)
+        fell_back = sum(raw.headers.get("x-turnout-fallback-from") == "fake-small" for raw in raws)
+        assert fell_back > 0
+        assert (await busy).status_code == 200
+        text = (await gw.http.get("/metrics")).text
+        labels = {"policy": "split", "from_model": "fake-small", "to_model": "fake-big",
+                  "reason": "worker_overloaded"}
+        assert sample(text, "turnout_fallbacks_total", labels) == fell_back
+        assert "turnout_upstream_errors_total{" not in text
+        assert "\nturnout_retry_budget_exhausted_total 0.0\n" in text

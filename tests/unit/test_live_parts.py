@@ -94,8 +94,11 @@ def test_parse_vllm_load() -> None:
     with pytest.raises(ValueError):
         parse_vllm_load('vllm:num_requests_running{engine="0" 3.0')
     # Only the gauges' lines are parsed, but all of them, wherever they are among vLLM's histograms.
-    noise = "\n".join(f'vllm:e2e_request_latency_seconds_bucket{{le="{i}"}} {i}' for i in range(500))
-    assert parse_vllm_load(noise + "\n" + text + noise) == (3.0, 7.0, 0.5)
+    noise = "\n".join([*(f'vllm:e2e_request_latency_seconds_bucket{{le="{i}"}} {i}' for i in range(500)),
+                       "vllm:a_metric_the_parser_cannot_read{ 1",  # never reaches the parser
+                       'vllm:num_requests_waiting_by_reason{reason="kv"} 9.0',  # a gauge's name as a prefix
+                       '  vllm:num_requests_running{engine="1"} 1.0'])  # indented: read, as the parser would
+    assert parse_vllm_load(noise + "\n" + text + noise) == (5.0, 7.0, 0.5)
 
 
 async def test_affinity_store_expires_and_refreshes() -> None:
