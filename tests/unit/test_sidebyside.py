@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.sidebyside import max_sustained, sustains, tree_cpu_s, verdicts
+from loadtest.sidebyside import judge, max_sustained, sustains, tree_cpu_s, verdicts
 
 
 def summary(p99: float, errors: float = 0.0, offered: float = 100.0, achieved: float = 100.0) -> dict[str, Any]:
@@ -72,3 +72,14 @@ def test_verdicts_compare_at_rates_both_sustain() -> None:
     # The upstream saturates first: every engine sustains what direct does, and no ratio can be measured.
     bound = verdicts([row(1, (True, 5.0), (True, 40.0)), row(2, (False, 9.0), (False, 60.0), direct=False)])
     assert bound[1].endswith("not measurable here: the upstream itself sustains no more (direct 1/s).")
+
+
+def test_no_engine_sustains_a_rate_the_upstream_does_not() -> None:
+    row: dict[str, Any] = {"rate": 1.0, "engines": {"direct": summary(30000.0, achieved=90.0),
+                                                     "gw": summary(31000.0)}}
+    judge(row)
+    assert not row["engines"]["direct"]["sustained"] and not row["engines"]["gw"]["sustained"]
+    assert row["engines"]["gw"]["added_ms"]["p99"] == 1000.0
+    row = {"rate": 1.0, "engines": {"direct": summary(60.0), "gw": summary(70.0)}}
+    judge(row)
+    assert row["engines"]["gw"]["sustained"]
