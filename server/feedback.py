@@ -6,6 +6,8 @@ on every replica (a claim in the store).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,8 +35,11 @@ class FeedbackRecord:
 class FeedbackBook:
     """Records routed requests for `ttl_s` and hands scores to the policy that routed them."""
 
-    def __init__(self, guard: StoreGuard, ttl_s: float) -> None:
-        self.guard, self.ttl_s = guard, ttl_s
+    def __init__(self, guard: StoreGuard, ttl_s: float, grace_s: float = 0.25) -> None:
+        """`grace_s`: how long a score for an id not (yet) on record waits for its record. The record is written
+        off the request's path (with other writes, see `redis_store._WriteBehind`), so a score sent to another
+        replica the moment the answer arrived can get there first."""
+        self.guard, self.ttl_s, self.grace_s = guard, ttl_s, grace_s
 
     @staticmethod
     def make_record(request_id: str, router: Router, policy: str, version: str, chosen: str) -> FeedbackRecord:
@@ -53,6 +58,10 @@ class FeedbackBook:
         Returns ("accepted", policy), ("duplicate", policy) for a second score (ignored), or ("unknown", None)
         for an id never routed or routed more than `ttl_s` ago."""
         rec = await self._get(request_id)
+        deadline = time.monotonic() + self.grace_s
+        while rec is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            rec = await self._get(request_id)
         if rec is None:
             return "unknown", None
         claimed, _ = await self.guard.run("claim", lambda s: s.claim(f"{PREFIX}{request_id}:scored", self.ttl_s))

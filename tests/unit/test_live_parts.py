@@ -157,6 +157,15 @@ async def test_feedback_book() -> None:
     assert await book.give("old", 0.5, routers) == ("accepted", "rec") and len(rec.seen) == 1
     now[0] = 61.0
     assert await book.give("r3", 0.5, routers) == ("unknown", None)
+    # A score that arrives before its record (written off the request's path, maybe by another replica) waits
+    # for it a moment; an id never recorded is unknown once that moment has passed.
+    late = asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(
+        book.record("r5", rec, "rec", "v1", "a")))
+    assert await book.give("r5", 0.5, routers) == ("accepted", "rec")
+    late.cancel()
+    t0 = asyncio.get_running_loop().time()
+    assert await book.give("never", 0.5, routers) == ("unknown", None)
+    assert asyncio.get_running_loop().time() - t0 >= book.grace_s
 
 
 async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
