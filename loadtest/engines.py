@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from routers.dataset import read_models_json_prices
 from tests.procs import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,6 +15,13 @@ VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turn
 PY_ENV = {"PYTHONPATH": str(REPO)}
 #: The routing table that ships with the project (see data/llmrouter_9model/NOTICE.md).
 BUNDLED_TABLE = REPO / "data" / "llmrouter_9model" / "data.parquet"
+
+
+def table_prices(table: Path, models: Sequence[str]) -> dict[str, float]:
+    """Each model's input price (USD per 1M tokens) from the models.json beside `table`, 0 where it has none; the
+    benchmarks give a worker that price for input and output alike."""
+    prices = read_models_json_prices(table.parent / "models.json") or {}
+    return {m: prices.get(m, (0.0, 0.0))[0] for m in models}
 
 
 def has_avx2() -> bool:

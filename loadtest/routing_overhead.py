@@ -59,7 +59,7 @@ import openai
 import yaml
 from tokenizers import Tokenizer
 
-from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, fake_process, gateway_process
+from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, fake_process, gateway_process, table_prices
 from loadtest.overhead import cpu_seconds
 from loadtest.results_io import write_results
 from routers.dataset import RoutingData, load_table, train_test
@@ -962,9 +962,8 @@ def main() -> None:
     gateways = list(dict.fromkeys(["main", *(p.gateway for p in phases)]))
     artifacts = {emb: ensure_artifacts(args.data, data, args.retrain, emb)
                  for emb in dict.fromkeys(GATEWAYS[gw][1] for gw in gateways)}
-    prices_raw = json.loads((args.data.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
     models = sorted(data.models)
-    prices = {m: float(prices_raw.get(m, {}).get("input_price", 0.0)) for m in models}
+    prices = table_prices(args.data, models)
     pools = make_pools(data, args.seed)
     planner = Planner(phases, pools, args.rate, args.arrivals == "poisson", args.seed)
     planner.needed(args.rounds, args.block_s)

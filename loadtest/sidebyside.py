@@ -37,7 +37,16 @@ from typing import Any
 import httpx
 import yaml
 
-from loadtest.engines import BUNDLED_TABLE, REPO, fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
+from loadtest.engines import (
+    BUNDLED_TABLE,
+    REPO,
+    fake_process,
+    gateway_process,
+    has_avx2,
+    table_prices,
+    vllm_process,
+    vllm_ready,
+)
 from loadtest.openloop import Scenario, run
 from loadtest.results_io import write_results
 from loadtest.routing_overhead import ensure_artifacts, make_pools
@@ -151,9 +160,8 @@ def main() -> None:
         subprocess.run(["bash", str(REPO / "loadtest" / "litellm-setup.sh")], check=True)
     data = load_table(BUNDLED_TABLE)
     artifact = ensure_artifacts(BUNDLED_TABLE, data, False, "static")["cost_aware"]["path"]
-    prices_raw = json.loads((BUNDLED_TABLE.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
     models = sorted(data.models)
-    prices = {m: float(prices_raw.get(m, {}).get("input_price", 0.0)) for m in models}
+    prices = table_prices(BUNDLED_TABLE, models)
     prompts = [p for p in make_pools(data, 1).mixed if len(p) <= (up.max_prompt_chars or len(p))][:2000]
     tmp = Path(tempfile.mkdtemp(prefix="turnout-sidebyside-"))
     key = "sk-bench-" + secrets.token_hex(16)

@@ -103,17 +103,16 @@ class Routed:
     def from_bundled_table(cls, seed: int) -> Routed:
         """The bundled table's artifact (trained on first use, as `loadtest.routing_overhead` does) and its
         unique prompts in a seeded order."""
-        from loadtest.engines import BUNDLED_TABLE
+        from loadtest.engines import BUNDLED_TABLE, table_prices
         from loadtest.routing_overhead import ensure_artifacts
         from routers.dataset import load_table
 
         data = load_table(BUNDLED_TABLE)
         artifact = ensure_artifacts(BUNDLED_TABLE, data, False, "onnx")["cost_aware"]["path"]
-        raw = json.loads((BUNDLED_TABLE.parent / "models.json").read_text()).get("prices_usd_per_1M_tokens", {})
         models = sorted(data.models)
         prompts = list(dict.fromkeys(data.prompts))
         random.Random(seed).shuffle(prompts)
-        return cls(artifact, models, {m: float(raw.get(m, {}).get("input_price", 0.0)) for m in models}, prompts)
+        return cls(artifact, models, table_prices(BUNDLED_TABLE, models), prompts)
 
 
 class Soak:
