@@ -87,9 +87,12 @@ class LoadMonitor(WorkerPoller):
                 worker.load_error = f"{type(exc).__name__}: {exc}"[:200]
             return
         now = time.monotonic()
+        own = sum(w.in_flight for w in workers)  # ours on this server as the reading came in (see Worker.load)
+        peers = tuple(workers)
         for worker in workers:
             if running is None and waiting is None:
                 worker.load_error = "no vllm queue gauges in /metrics"
                 continue
             worker.running, worker.waiting, worker.kv_cache_usage = running, waiting, kv
             worker.load_at, worker.load_error = now, None
+            worker.own_at_load, worker.load_peers = own, peers

@@ -54,6 +54,10 @@ class Worker:
     kv_cache_usage: float | None = None
     load_at: float | None = None  # time.monotonic() of the last successful read
     load_error: str | None = None
+    # This gateway's own in-flight requests on the same server when `running`/`waiting` were read, and the
+    # workers that share that server (one vLLM serving several model names): see `load`.
+    own_at_load: int = 0
+    load_peers: tuple[Worker, ...] = field(default=(), repr=False)
     breaker: Breaker = field(default_factory=lambda: Breaker(5, 10.0))
     gate: Gate = field(default_factory=lambda: Gate(None))
     timeouts: EffectiveTimeouts = field(default_factory=lambda: EffectiveTimeouts(5.0, 60.0, 60.0, 600.0))
@@ -62,13 +66,22 @@ class Worker:
         """Whether requests may go here: not found down by its health check, its breaker not open."""
         return self.health is not Health.DOWN and self.breaker.available()
 
+    def own_in_flight(self) -> int:
+        """This gateway's requests in flight on this worker's server (its peers' included)."""
+        return sum(p.in_flight for p in self.load_peers) if self.load_peers else self.in_flight
+
     def load(self, fresh_s: float = 10.0) -> float:
-        """Requests on this worker: its reported running + waiting when read within `fresh_s`, else this
-        gateway's own in-flight count (whichever is larger: the report lags behind requests just sent)."""
-        reported = 0.0
-        if self.load_at is not None and time.monotonic() - self.load_at <= fresh_s:
-            reported = (self.running or 0.0) + (self.waiting or 0.0)
-        return max(reported, float(self.in_flight))
+        """Requests on this worker's server: everyone else's as it last reported (read within `fresh_s`) plus
+        this gateway's own right now.
+
+        The report is up to one poll old. Taken as it stands, a request of ours caught running would still
+        count for a second after it finished, and a request just sent would not count at all; so the share
+        that was ours at the reading is swapped for our count now, which the gateway knows exactly."""
+        own = self.own_in_flight()
+        if self.load_at is None or time.monotonic() - self.load_at > fresh_s:
+            return float(own)
+        others = max(0.0, (self.running or 0.0) + (self.waiting or 0.0) - self.own_at_load)
+        return others + own
 
     def queue(self, fresh_s: float = 10.0) -> float:
         """Requests waiting at this worker (not yet running), as it last reported; 0 when unknown."""

@@ -154,7 +154,8 @@ def test_a_failing_replica_is_cut_off_by_its_breaker_and_returns_when_it_recover
     # a recovers; once the breaker half-opens, one probe closes it and a takes its share again.
     fake_mode(a, {})
     time.sleep(6.2)
-    for _ in range(20):
+    # One at a time, both replicas are idle at each pick: a gets about half (fewer than 3 of 30: p < 1e-6).
+    for _ in range(30):
         client.chat.completions.create(model="fake-m", messages=MSG, max_tokens=2)
     assert sample_sum(metrics, "turnout_worker_breaker_state", worker="a") == 0
     assert fake_stats(a)["completed"] >= 3, "a is back in rotation"

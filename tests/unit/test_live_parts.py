@@ -190,3 +190,35 @@ async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
     assert (w["a"].waiting, w["b"].waiting, w["c"].waiting) == (4.0, 4.0, 1.0)
     assert w["a"].load_at == w["b"].load_at is not None and w["a"].load_error is None
     await monitor.stop()
+
+
+async def test_load_swaps_our_share_of_a_reading_for_our_count_now() -> None:
+    # Two model names on one server. The reading saw 5 running + 2 waiting, 3 of them ours (2 at a, 1 at b).
+    cfg = parse_config({
+        "workers": [{"name": "a", "model": "m1", "base_url": "http://one:8000/v1"},
+                    {"name": "b", "model": "m2", "base_url": "http://one:8000/v1"},
+                    {"name": "c", "model": "m1", "base_url": "http://two:8000/v1"}],
+        "policies": {"p": {"type": "fixed", "worker": "a"}}, "default_policy": "p"})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        running = 5.0 if request.url.host == "one" else 1.0
+        return httpx.Response(200, text=f"vllm:num_requests_running {running}\nvllm:num_requests_waiting 2\n")
+
+    registry = WorkerRegistry(cfg)
+    w = registry.workers
+    w["a"].in_flight, w["b"].in_flight, w["c"].in_flight = 2, 1, 3
+    monitor = LoadMonitor(registry, 1.0, 1.0, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    await monitor.visit_all()
+    await monitor.stop()
+    assert (w["a"].load(), w["b"].load(), w["c"].load()) == (7.0, 7.0, 3.0)
+    # Ours finish before the next reading: only the others' 4 stay on server one, and server two is idle
+    # (its reading had fewer than we had in flight: nothing is left for others, never less than nothing).
+    w["a"].in_flight = w["b"].in_flight = w["c"].in_flight = 0
+    assert (w["a"].load(), w["b"].load(), w["c"].load()) == (4.0, 4.0, 0.0)
+    assert registry.pick("m1") is w["c"]
+    # A request just sent counts before any reading shows it; a stale reading counts only ours.
+    w["c"].in_flight = 1
+    assert w["c"].load() == 1.0
+    w["a"].load_at = w["a"].load_at - 11.0 if w["a"].load_at is not None else None
+    w["a"].in_flight, w["b"].in_flight = 2, 1
+    assert w["a"].load() == 3.0  # a's and b's (they share a server), nothing from the stale report
