@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from server.keys import hash_key
+from tests.clock import wait_for_a_fresh_minute_s
 from tests.conftest import InProcess, Upstream, fake_config, gateway_in_process
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -64,6 +65,7 @@ async def test_requests_per_minute(fakes: dict[str, Upstream], fake_reset: None,
     monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
     async with gateway_in_process(keyed_config(fakes, requests_per_minute=3)) as gw:
         team = client_for(gw, "tk-team")
+        await asyncio.sleep(wait_for_a_fresh_minute_s())  # all five in one window
         codes: list[int] = []
         for _ in range(5):
             resp = await team.chat.completions.with_raw_response.create(model="turnout/cheap", messages=HI) \

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from server.keys import hash_key
+from tests.clock import wait_for_a_fresh_minute_s
 from tests.conftest import Upstream, serve_gateway
 from tests.redis_server import RedisServer
 
@@ -116,9 +117,7 @@ def test_a_budget_for_100_requests_is_never_overspent_by_300_over_three_replicas
 
 def burst_in_one_minute(urls: list[str], key: str, n: int) -> list[httpx.Response]:
     """`fire`, started early enough in a calendar minute (the limit's window) that the burst cannot straddle two."""
-    left = 60 - time.time() % 60
-    if left < 15:
-        time.sleep(left + 0.5)
+    time.sleep(wait_for_a_fresh_minute_s())
     return asyncio.run(fire(urls, key, n))
 
 
