@@ -180,7 +180,8 @@ class Recorder:
                     m.reference_cost.labels(model, policy).inc(ex.reference_cost_usd)
                     m.savings.labels(policy).inc(ex.reference_cost_usd - ex.cost_usd)
         m.overhead.observe(ex.overhead_s(now))
-        if ex.status not in ("ok", "client_error") and ex.worker and not ex.failure_counted:
+        # A client that went away says nothing about the worker (its breaker hears "neutral" too).
+        if ex.status not in ("ok", "client_error", "client_disconnect") and ex.worker and not ex.failure_counted:
             m.upstream_errors.labels(ex.worker, ex.status).inc()
         if ex.decision is not None:
             m.decisions.labels(policy, ex.decision.chosen, "affinity" if ex.affinity else "policy").inc()

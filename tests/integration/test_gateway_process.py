@@ -83,6 +83,8 @@ def test_client_disconnect_mid_stream_cancels_upstream(sdk: openai.OpenAI, fakes
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert sample_sum(f"{gateway}/metrics", "turnout_in_flight_requests") == 0
+    assert sample_sum(f"{gateway}/metrics", "turnout_upstream_errors_total", reason="client_disconnect") == 0, \
+        "the client left, not the worker"
 
 
 @pytest.mark.usefixtures("fake_reset")
@@ -116,6 +118,7 @@ def test_client_disconnect_during_a_non_streaming_request(gateway: str, fakes: d
     while sample_sum(f"{gateway}/metrics", "turnout_requests_total", status="client_disconnect") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    assert sample_sum(f"{gateway}/metrics", "turnout_upstream_errors_total", reason="client_disconnect") == 0
 
 
 def readyz_in_flight(gateway: str) -> dict[str, int]:
