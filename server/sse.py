@@ -81,6 +81,10 @@ class RelayResponse(Response):
                                     "headers": self.raw_headers})
                         async for chunk in self.source:
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        # The source is spent: closing it now records the exchange before the response
+                        # ends, so a client holding the whole answer also finds it counted in /metrics.
+                        with anyio.CancelScope(shield=True):
+                            await self.source.aclose()
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                     except OSError:
                         pass  # the client went away while we wrote (servers that raise on send)
