@@ -307,8 +307,15 @@ def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7, routed: Route
             return time.monotonic() - t0
 
         seconds = asyncio.run(main())
-        time.sleep(0.5)  # the last requests' accounting runs as their responses go out
-        by_status, in_flight = gateway_counts(httpx.get(f"{url}/metrics", timeout=10).text)
+        # The last requests' accounting may still be running as their responses go out: wait (a while) until
+        # the gateway has counted as many as the client saw and has none in flight.
+        deadline = time.monotonic() + 10
+        while True:
+            by_status, in_flight = gateway_counts(httpx.get(f"{url}/metrics", timeout=10).text)
+            settled = in_flight == 0 and sum(by_status.values()) >= sum(soak.counts.values())
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     return SoakResult(requests=requests, seconds=seconds, client=dict(soak.counts), gateway=by_status,
                       malformed=soak.malformed, rss_mb=samples, faults=dict(soak.faults), in_flight_after=in_flight)
 

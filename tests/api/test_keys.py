@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from server.keys import hash_key
-from tests.clock import wait_for_a_fresh_minute_s
+from tests.clock import DAY_S, fresh_period_wait_s
 from tests.conftest import InProcess, Upstream, fake_config, gateway_in_process
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -65,7 +65,7 @@ async def test_requests_per_minute(fakes: dict[str, Upstream], fake_reset: None,
     monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
     async with gateway_in_process(keyed_config(fakes, requests_per_minute=3)) as gw:
         team = client_for(gw, "tk-team")
-        await asyncio.sleep(wait_for_a_fresh_minute_s())  # all five in one window
+        await asyncio.sleep(fresh_period_wait_s())  # all five in one window
         codes: list[int] = []
         for _ in range(5):
             resp = await team.chat.completions.with_raw_response.create(model="turnout/cheap", messages=HI) \
@@ -92,6 +92,7 @@ async def test_budget_is_held_at_worst_case_and_spent_at_actual(fakes: dict[str,
     # tokens plus max_tokens=10 answer tokens.
     async with gateway_in_process(keyed_config(fakes, budget_usd=0.00002)) as gw:
         team = client_for(gw, "tk-team")
+        await asyncio.sleep(fresh_period_wait_s(DAY_S, 30.0))  # the budget is per UTC day: all of it in one
         spent = 0.0
         ok = 0
         while True:
@@ -124,10 +125,12 @@ async def test_an_answer_without_usage_is_charged_its_whole_hold(fakes: dict[str
                                                     extra_body={"fake": {"no_usage": True}})
         async for _ in stream:
             pass
-        await asyncio.sleep(0.05)  # the settle runs once the response is out
         store = gw.app.state.gateway.store
         (key,) = [k for k in store._data if k.startswith("turnout:budget:team:")]
-        state = await store.budget(key)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (state := await store.budget(key)).spent == 0:  # the settle runs once the response is out
+            assert asyncio.get_running_loop().time() < deadline, "the request was never settled"
+            await asyncio.sleep(0.02)
     # Nothing says what the worker generated: the worst case held is what is spent.
     assert state.held == pytest.approx(0.0, abs=1e-15) and state.spent > 0
     from server.limits import prompt_tokens_bound

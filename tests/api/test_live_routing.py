@@ -158,6 +158,8 @@ async def test_session_affinity_keeps_a_conversation_on_its_first_model(
         assert (await chat(gw, MATH, model="turnout/sticky", user="someone"))[0] == "small"
         assert (await chat(gw, CHAT, model="turnout/smart", extra_headers={"x-session-id": "s1"}))[0] == "small"
         # When the remembered model's worker is down, the policy decides afresh.
+        gw.app.state.gateway.health._task.cancel()  # a health check must not find it up again meanwhile
+        await asyncio.sleep(0)
         gw.app.state.gateway.live.registry.workers["big"].health = gw.app.state.gateway.live.registry.workers[
             "big"].health.__class__.DOWN
         assert (await chat(gw, CHAT, model="turnout/sticky", extra_headers={"x-session-id": "s1"}))[0] == "small"

@@ -26,7 +26,8 @@ async def sse_events(gw: Any, body: dict[str, Any]) -> tuple[int, list[str]]:
 
 async def test_a_stream_that_does_not_start_in_time_is_a_504_before_anything_was_sent(
         fakes: dict[str, Upstream]) -> None:
-    cfg = fake_config(fakes, upstream={"ttft_timeout_s": 0.3}, reliability={"retries": 0})
+    cfg = fake_config(fakes, reliability={"retries": 0})
+    cfg["workers"][0]["timeouts"] = {"ttft_timeout_s": 0.3}  # small only: big, the fallback, has the default
     async with gateway_in_process(cfg) as gw:
         status, events = await sse_events(gw, {"model": "small", "max_tokens": 3, "fake": {"ttft_ms": 2000}})
         assert status == 504 and events == []

@@ -176,8 +176,10 @@ def test_prometheus_stores_exactly_what_was_sent(stack: dict[str, Any], traffic:
     sent = sum(traffic["requests"].values())
     # Scraped every second: wait until Prometheus has a sample taken after the last request.
     wait_for(lambda: by(prom, "sum(turnout_requests_total)").get((), 0) == sent, f"{sent} requests in Prometheus")
-    # The feedback was sent after the last request: a scrape may have come between the two.
+    # The feedback and then the reload came after the last request: a scrape may have come between any two.
     wait_for(lambda: by(prom, "sum(turnout_feedback_total)").get((), 0) == 1, "the feedback in Prometheus")
+    wait_for(lambda: by(prom, 'sum(turnout_config_reloads_total{result="ok"})').get((), 0) == 1,
+             "the reload in Prometheus")
     stored: Counter[tuple[str, str, str]] = Counter()
     for (policy, worker, status), n in by(prom, "sum by (policy, worker, status) (turnout_requests_total)",
                                           "policy", "worker", "status").items():

@@ -12,7 +12,7 @@ import pytest
 
 from server.redis_store import RedisStore
 from server.store import Hold, MemoryStore, Store, StoreUnavailable
-from tests.clock import wait_for_a_fresh_minute_s
+from tests.clock import fresh_period_wait_s
 from tests.redis_server import RedisServer
 
 
@@ -32,7 +32,7 @@ async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> As
 
 
 async def test_window_admits_exactly_the_limit_under_concurrency(store: Store) -> None:
-    await asyncio.sleep(wait_for_a_fresh_minute_s(5.0))  # windows are calendar minutes: all of it in one
+    await asyncio.sleep(fresh_period_wait_s(margin_s=5.0))  # windows are calendar minutes: all of it in one
     results = await asyncio.gather(*(store.window_add("rl:k", 1, 25, 60) for _ in range(100)))
     admitted = [r for r in results if r is None]
     assert len(admitted) == 25
@@ -77,6 +77,7 @@ async def test_admit_holds_the_dearest_amount_that_fits(store: Store) -> None:
 
 async def test_writes_sent_together_each_get_their_reply(store: Store) -> None:
     """Off-path writes (settles, token corrections, values) issued in one turn all land, concurrently."""
+    await asyncio.sleep(fresh_period_wait_s(margin_s=5.0))  # the token corrections and the check in one minute
     await store.admit([], 60, hold((0.01,) * 1, budget=100.0))
     await asyncio.gather(*(store.admit([], 60, hold((0.01,), budget=100.0)) for _ in range(199)))
     await asyncio.gather(*(store.settle("b:k", 0.01, 0.02, 60) for _ in range(200)),
@@ -125,6 +126,7 @@ async def test_a_dead_redis_is_reported_fast(tmp_path: Path) -> None:
 
 
 async def test_admit_counts_all_windows_or_none_and_reads_the_budget(store: Store) -> None:
+    await asyncio.sleep(fresh_period_wait_s(margin_s=5.0))  # its windows' counts must all fall in one minute
     await store.admit([], 60, Hold("b:a", (0.25,), 1.0, 60))
     await store.settle("b:a", 0.25, 0.125, 60)
     windows = [("rpm:a", 1, 3), ("tpm:a", 40, 100)]
