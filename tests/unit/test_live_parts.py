@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from routers.base import RoutingDecision, RoutingOutcome, RoutingRequest
-from server.config import parse_config
+from server.config import TurnoutConfig, parse_config
 from server.embedding import EmbeddingService
 from server.feedback import FeedbackBook
 from server.load import LoadMonitor, parse_vllm_load
@@ -168,13 +168,17 @@ async def test_feedback_book() -> None:
     assert asyncio.get_running_loop().time() - t0 >= book.grace_s
 
 
-async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
-    # Three workers: two model names served by one vLLM (one metrics URL) and a second server.
-    cfg = parse_config({
+def two_servers() -> TurnoutConfig:
+    """Three workers on two servers: a (m1) and b (m2) are one vLLM (one metrics URL), c (m1) another."""
+    return parse_config({
         "workers": [{"name": "a", "model": "m1", "base_url": "http://one:8000/v1"},
                     {"name": "b", "model": "m2", "base_url": "http://one:8000/v1"},
                     {"name": "c", "model": "m1", "base_url": "http://two:8000/v1"}],
         "policies": {"p": {"type": "fixed", "worker": "a"}}, "default_policy": "p"})
+
+
+async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
+    cfg = two_servers()
     hits: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -194,11 +198,7 @@ async def test_load_is_read_once_per_server_and_shared_by_its_workers() -> None:
 
 async def test_load_swaps_our_share_of_a_reading_for_our_count_now() -> None:
     # Two model names on one server. The reading saw 5 running + 2 waiting, 3 of them ours (2 at a, 1 at b).
-    cfg = parse_config({
-        "workers": [{"name": "a", "model": "m1", "base_url": "http://one:8000/v1"},
-                    {"name": "b", "model": "m2", "base_url": "http://one:8000/v1"},
-                    {"name": "c", "model": "m1", "base_url": "http://two:8000/v1"}],
-        "policies": {"p": {"type": "fixed", "worker": "a"}}, "default_policy": "p"})
+    cfg = two_servers()
 
     def handler(request: httpx.Request) -> httpx.Response:
         running = 5.0 if request.url.host == "one" else 1.0
@@ -219,6 +219,7 @@ async def test_load_swaps_our_share_of_a_reading_for_our_count_now() -> None:
     # A request just sent counts before any reading shows it; a stale reading counts only ours.
     w["c"].in_flight = 1
     assert w["c"].load() == 1.0
-    w["a"].load_at = w["a"].load_at - 11.0 if w["a"].load_at is not None else None
+    assert w["a"].load_at is not None
+    w["a"].load_at -= 11.0
     w["a"].in_flight, w["b"].in_flight = 2, 1
     assert w["a"].load() == 3.0  # a's and b's (they share a server), nothing from the stale report
