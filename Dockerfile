@@ -14,8 +14,8 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY routers ./routers
 RUN /opt/turnout/bin/pip install --no-cache-dir . \
-    && /opt/turnout/bin/python -c "from routers.embed_cache import model_cache_dir; \
-from routers.static_embedder import load_or_distil; load_or_distil(model_cache_dir())"
+    && /opt/turnout/bin/python -c "from routers.embedding.cache import model_cache_dir; \
+from routers.embedding.static import load_or_distil; load_or_distil(model_cache_dir())"
 
 FROM python:3.11.7-slim-bookworm
 ENV PATH=/opt/turnout/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

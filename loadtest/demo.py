@@ -19,8 +19,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.engines import REPO, fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
-from tests.procs import ManagedProcess, free_port
+from testkit.engines import REPO, fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
+from testkit.procs import ManagedProcess, free_port
 
 PROMPTS = [
     ("auto", "chat", False, "What is the capital of France?"),

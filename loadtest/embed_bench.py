@@ -29,9 +29,11 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from loadtest.engines import BUNDLED_TABLE
-from routers.embed_cache import CachedEmbedder, embed_corpus
-from routers.embedders import DEFAULT_TOKENIZER, Embedder, OnnxMiniLMEmbedder, SentenceTransformerEmbedder
+from routers.embedding.base import Embedder
+from routers.embedding.cache import CachedEmbedder, embed_corpus
+from routers.embedding.onnx import DEFAULT_TOKENIZER, OnnxMiniLMEmbedder
+from routers.embedding.st import SentenceTransformerEmbedder
+from testkit.engines import BUNDLED_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = BUNDLED_TABLE

@@ -26,11 +26,11 @@ import numpy as np
 import openai
 import yaml
 
-from loadtest.engines import fake_process, gateway_process
 from loadtest.results_io import write_results
-from server.keys import hash_key
-from tests.procs import free_port
-from tests.redis_server import RedisServer
+from server.quota.keys import hash_key
+from testkit.engines import fake_process, gateway_process
+from testkit.procs import free_port
+from testkit.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 MSG: list[Any] = [{"role": "user", "content": "How far is the moon from the earth?"}]

@@ -45,9 +45,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from loadtest.asgi import read_body
-from routers.dataset import BYTES_PER_TOKEN, load_table
-from server.prompts import prompt_text
+from routers.offline.dataset import load_table
+from routers.offline.prices import BYTES_PER_TOKEN
+from server.api.prompts import prompt_text
+from testkit.asgi import read_body
 
 __all__ = [
     "ANSWER_TOKENS",
@@ -164,7 +165,7 @@ class ReplayModel:
 
 
 def load_replay_model(table: Path, model: str, size_b: float | None = None) -> ReplayModel:
-    """Load ``table`` once with :func:`routers.dataset.load_table` and keep ``model``'s column.
+    """Load ``table`` once with :func:`routers.offline.dataset.load_table` and keep ``model``'s column.
 
     The size comes from ``size_b`` if given, else from models.json beside the table, else from the
     model's name, else :data:`DEFAULT_SIZE_B`. ValueError (a ``TableError`` for a bad table) when the

@@ -34,12 +34,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, VLLM_CACHE, gateway_process
 from routers.artifacts import ArtifactError, load_artifact
-from routers.commands import run_train
-from routers.dataset import RoutingData, dedupe_within, load_table, train_test
-from routers.embedders import MINILM_ONNX_ID
-from tests.procs import ManagedProcess, free_port
+from routers.embedding.onnx import MINILM_ONNX_ID
+from routers.offline.commands import run_train
+from routers.offline.dataset import RoutingData, load_table
+from routers.offline.splits import dedupe_within, train_test
+from testkit.engines import BUNDLED_TABLE, PY_ENV, REPO, VLLM_CACHE, gateway_process
+from testkit.procs import ManagedProcess, free_port
 
 TABLE = BUNDLED_TABLE
 OUT = REPO / "loadtest" / "results" / "demo"

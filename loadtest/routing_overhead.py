@@ -59,12 +59,14 @@ import openai
 import yaml
 from tokenizers import Tokenizer
 
-from loadtest.engines import BUNDLED_TABLE, PY_ENV, REPO, fake_process, gateway_process, table_prices
 from loadtest.overhead import cpu_seconds
 from loadtest.results_io import write_results
-from routers.dataset import RoutingData, load_table, train_test
-from routers.embedders import DEFAULT_TOKENIZER, MINILM_MAX_LENGTH, embedder_id
-from tests.procs import ManagedProcess, free_port
+from routers.embedding.factory import embedder_id
+from routers.embedding.onnx import DEFAULT_TOKENIZER, MINILM_MAX_LENGTH
+from routers.offline.dataset import RoutingData, load_table
+from routers.offline.splits import train_test
+from testkit.engines import BUNDLED_TABLE, PY_ENV, REPO, fake_process, gateway_process, table_prices
+from testkit.procs import ManagedProcess, free_port
 
 DATA = BUNDLED_TABLE
 CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))

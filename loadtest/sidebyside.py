@@ -37,7 +37,12 @@ from typing import Any
 import httpx
 import yaml
 
-from loadtest.engines import (
+from loadtest.openloop import Scenario, run
+from loadtest.results_io import write_results
+from loadtest.routing_overhead import ensure_artifacts, make_pools
+from loadtest.soak import rss_mb
+from routers.offline.dataset import load_table
+from testkit.engines import (
     BUNDLED_TABLE,
     REPO,
     fake_process,
@@ -47,12 +52,7 @@ from loadtest.engines import (
     vllm_process,
     vllm_ready,
 )
-from loadtest.openloop import Scenario, run
-from loadtest.results_io import write_results
-from loadtest.routing_overhead import ensure_artifacts, make_pools
-from loadtest.soak import rss_mb
-from routers.dataset import load_table
-from tests.procs import ManagedProcess, free_port
+from testkit.procs import ManagedProcess, free_port
 
 CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
 LITELLM_VENV = CACHE / "litellm-venv"

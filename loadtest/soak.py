@@ -37,9 +37,9 @@ import openai
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.engines import fake_process, gateway_process
 from loadtest.results_io import write_results
-from tests.procs import ManagedProcess, free_port
+from testkit.engines import fake_process, gateway_process
+from testkit.procs import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MSG: list[Any] = [{"role": "user", "content": "Tell me something about the sea."}]
@@ -103,9 +103,9 @@ class Routed:
     def from_bundled_table(cls, seed: int) -> Routed:
         """The bundled table's artifact (trained on first use, as `loadtest.routing_overhead` does) and its
         unique prompts in a seeded order."""
-        from loadtest.engines import BUNDLED_TABLE, table_prices
         from loadtest.routing_overhead import ensure_artifacts
-        from routers.dataset import load_table
+        from routers.offline.dataset import load_table
+        from testkit.engines import BUNDLED_TABLE, table_prices
 
         data = load_table(BUNDLED_TABLE)
         artifact = ensure_artifacts(BUNDLED_TABLE, data, False, "onnx")["cost_aware"]["path"]

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routers.base import CandidateScore, RoutingDecision, RoutingOutcome, RoutingRequest
-from routers.embedders import Embedder
+from routers.embedding.base import Embedder
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]

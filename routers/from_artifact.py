@@ -8,7 +8,7 @@ from routers.artifacts import Artifact
 from routers.bandit import BanditRouter, LinUCB, Projection
 from routers.base import Router
 from routers.cost_aware import BudgetPacer
-from routers.embedders import Embedder
+from routers.embedding.base import Embedder
 from routers.learned import UtilityRouter
 from routers.predictors import EnsemblePredictor, KnnIndex, KnnPredictor, ProbePredictor
 from routers.textstats import TextStats

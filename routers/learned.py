@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from routers.base import CandidateScore, RoutingDecision, RoutingOutcome, RoutingRequest
 from routers.cost_aware import BudgetPacer, QualityPredictor
-from routers.embedders import Embedder
+from routers.embedding.base import Embedder
 from routers.textstats import prompt_stats
 
 F32 = npt.NDArray[np.float32]

@@ -1,35 +1,101 @@
-"""The FastAPI app factory. Settings, clients and policies are built in the lifespan, never at import."""
+"""The app: its lifespan and its route table (paths -> handlers), nothing else. Every handler lives in
+`server.api` and takes the request and the running gateway; settings, clients and policies are built in the
+lifespan (`server.gateway`), never at import."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from threadpoolctl import threadpool_limits
 
-from routers.embedders import Embedder
-from server import openapi as doc
-from server.admin import handle_feedback, handle_keys, handle_reload, handle_route, reload_and_log
+from routers.embedding.base import Embedder
+from server.api import openapi as doc
+from server.api.admin import handle_keys, handle_reload, handle_revoke, reload_and_log
+from server.api.completions import handle_chat, handle_text
+from server.api.explain import handle_route
+from server.api.feedback import handle_feedback
+from server.api.middleware import RequestIdMiddleware
+from server.api.probes import (
+    handle_healthz,
+    handle_metrics,
+    handle_models,
+    handle_readyz,
+    handle_status,
+    handle_ui,
+)
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
-from server.middleware import RequestIdMiddleware
-from server.proxy import handle_completion
-from server.state import GatewayState
-from server.workers import Health
+from server.gateway import GatewayState
 
 CONFIG_ENV = "TURNOUT_CONFIG"
-UI_PAGE = Path(__file__).parent / "ui" / "index.html"
-log = logging.getLogger("turnout.app")
+Handler = Callable[[Request, GatewayState], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the route table: the OpenAPI text and schemas sit beside the handler they describe."""
+
+    method: str
+    path: str
+    name: str  # FastAPI's route name, from which the operationId in /openapi.json is made
+    handler: Handler
+    summary: str
+    extra: dict[str, Any] = field(default_factory=dict)  # FastAPI's route options (openapi_extra, responses)
+
+
+# The handlers read the raw request (the client's JSON is forwarded as written), so FastAPI cannot see their bodies
+# or answers: `server.api.openapi` describes them, and `/openapi.json` is what the fuzz test holds them to. Two
+# routes rather than one for both methods of /admin/keys: one route gives both operations the same operationId.
+ROUTES = (
+    Route("POST", "/v1/chat/completions", "chat_completions", handle_chat, "Create a chat completion (OpenAI protocol)",
+          {"openapi_extra": doc.CHAT_BODY, "responses": doc.CHAT_RESPONSES}),
+    Route("POST", "/v1/completions", "completions", handle_text, "Create a text completion (OpenAI protocol)",
+          {"openapi_extra": doc.COMPLETION_BODY, "responses": doc.COMPLETION_RESPONSES}),
+    Route("POST", "/v1/route", "route", handle_route,
+          "Explain: the routing decision for a chat request, without running it",
+          {"openapi_extra": doc.ROUTE_BODY, "responses": doc.ROUTE_RESPONSES}),
+    Route("POST", "/v1/feedback", "feedback", handle_feedback,
+          "Score a routed request's answer (0..1) for learning policies",
+          {"openapi_extra": doc.FEEDBACK_BODY, "responses": doc.FEEDBACK_RESPONSES}),
+    Route("POST", "/admin/reload", "reload", handle_reload,
+          "Re-read the config file and swap it in (admin key required)",
+          {"responses": doc.RELOAD_RESPONSES}),
+    Route("GET", "/admin/keys", "list_keys", handle_keys, "List client keys (admin key required)",
+          {"responses": doc.LIST_KEYS_RESPONSES}),
+    Route("POST", "/admin/keys", "add_key", handle_keys, "Add a stored client key (admin key required)",
+          {"status_code": 201, "openapi_extra": doc.ADD_KEY_BODY, "responses": doc.ADD_KEY_RESPONSES}),
+    Route("DELETE", "/admin/keys/{name}", "revoke", handle_revoke, "Revoke a stored client key (admin key required)",
+          {"openapi_extra": doc.KEY_NAME_PARAM, "responses": doc.REVOKE_KEY_RESPONSES}),
+    Route("GET", "/v1/models", "models", handle_models, "Served models and routing policies",
+          {"responses": doc.MODELS_RESPONSES}),
+    Route("GET", "/healthz", "healthz", handle_healthz, "The process is alive", {"responses": doc.HEALTHZ_RESPONSES}),
+    Route("GET", "/readyz", "readyz", handle_readyz,
+          "At least one worker is reachable", {"responses": doc.READYZ_RESPONSES}),
+    Route("GET", "/ui", "ui", handle_ui, "Status page: routing mix, cost and savings, latency, worker health",
+          {"response_class": HTMLResponse, "responses": doc.TEXT_RESPONSES}),
+    Route("GET", "/ui/status.json", "ui_status", handle_status,
+          "The status page's numbers", {"responses": doc.STATUS_RESPONSES}),
+    Route("GET", "/metrics", "metrics", handle_metrics, "Prometheus metrics",
+          {"response_class": PlainTextResponse, "responses": doc.TEXT_RESPONSES}),
+)
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """The FastAPI endpoint for `handler`: the request, and the gateway the lifespan built."""
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, request.app.state.gateway)
+    return endpoint
 
 
 def create_app(
@@ -62,117 +128,40 @@ def create_app(
         # per decision with the default threads against 2 ms with one. Embedding has its own threads.
         threadpool_limits(limits=1, user_api="blas")
         state = GatewayState(cfg, config_path=path, client=client, embedder=embedder)
-        app.state.gateway = state
-        app.state.started_at = time.time()
+        app.state.gateway, app.state.started_at = state, time.time()
         state.start(background_checks=health_checks)
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task[None]] = set()
-        if handle_sighup and path:
-            def on_sighup() -> None:
-                task = loop.create_task(reload_and_log(state, "SIGHUP"))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
-            yield
+            with _reload_on_sighup(state, enabled=bool(handle_sighup and path)):
+                yield
         finally:
-            if handle_sighup and path:
-                with suppress(Exception):
-                    loop.remove_signal_handler(signal.SIGHUP)
             await state.aclose()
 
     app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-
-    def gw(request: Request) -> GatewayState:
-        state: GatewayState = request.app.state.gateway
-        return state
-
-    # The handlers read the raw request (the client's JSON is forwarded as written), so FastAPI cannot see their
-    # bodies or answers: `server.openapi` describes them, and `/openapi.json` is what the fuzz test holds them to.
-    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI protocol)",
-              openapi_extra=doc.CHAT_BODY, responses=doc.CHAT_RESPONSES)
-    async def chat_completions(request: Request) -> Response:
-        return await handle_completion("chat", request, gw(request))
-
-    @app.post("/v1/completions", summary="Create a text completion (OpenAI protocol)",
-              openapi_extra=doc.COMPLETION_BODY, responses=doc.COMPLETION_RESPONSES)
-    async def completions(request: Request) -> Response:
-        return await handle_completion("completions", request, gw(request))
-
-    @app.post("/v1/route", summary="Explain: the routing decision for a chat request, without running it",
-              openapi_extra=doc.ROUTE_BODY, responses=doc.ROUTE_RESPONSES)
-    async def route(request: Request) -> Response:
-        return await handle_route(request, gw(request))
-
-    @app.post("/v1/feedback", summary="Score a routed request's answer (0..1) for learning policies",
-              openapi_extra=doc.FEEDBACK_BODY, responses=doc.FEEDBACK_RESPONSES)
-    async def feedback(request: Request) -> Response:
-        return await handle_feedback(request, gw(request))
-
-    @app.post("/admin/reload", summary="Re-read the config file and swap it in (admin key required)",
-              responses=doc.RELOAD_RESPONSES)
-    async def reload(request: Request) -> Response:
-        return await handle_reload(request, gw(request))
-
-    # Two routes rather than one for both methods: one route gives both operations the same operationId.
-    @app.get("/admin/keys", summary="List client keys (admin key required)", responses=doc.LIST_KEYS_RESPONSES)
-    async def list_keys(request: Request) -> Response:
-        return await handle_keys(request, gw(request))
-
-    @app.post("/admin/keys", summary="Add a stored client key (admin key required)", status_code=201,
-              openapi_extra=doc.ADD_KEY_BODY, responses=doc.ADD_KEY_RESPONSES)
-    async def add_key(request: Request) -> Response:
-        return await handle_keys(request, gw(request))
-
-    # `name` is read from the path here, not taken as a parameter: FastAPI would document a 422 for it, which
-    # this gateway never answers (its validation errors are 400s).
-    @app.delete("/admin/keys/{name}", summary="Revoke a stored client key (admin key required)",
-                openapi_extra=doc.KEY_NAME_PARAM, responses=doc.REVOKE_KEY_RESPONSES)
-    async def revoke(request: Request) -> Response:
-        return await handle_keys(request, gw(request), request.path_params["name"])
-
-    @app.get("/v1/models", summary="Served models and routing policies", responses=doc.MODELS_RESPONSES)
-    async def models(request: Request) -> JSONResponse:
-        created = int(request.app.state.started_at)
-        data = [
-            {"id": mid, "object": "model", "created": created, "owned_by": "turnout"}
-            for mid in gw(request).live.table.model_ids()
-        ]
-        return JSONResponse({"object": "list", "data": data})
-
-    @app.get("/healthz", summary="The process is alive", responses=doc.HEALTHZ_RESPONSES)
-    async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/readyz", summary="At least one worker is reachable", responses=doc.READYZ_RESPONSES)
-    async def readyz(request: Request) -> JSONResponse:
-        registry = gw(request).live.registry
-        workers = {
-            w.name: {"model": w.model, "health": w.health.value, "in_flight": w.in_flight,
-                     "error": w.last_error, "running": w.running, "waiting": w.waiting,
-                     "kv_cache_usage": w.kv_cache_usage, "breaker": w.breaker.state.name.lower(),
-                     "queued": w.gate.waiting}
-            for w in registry.workers.values()
-        }
-        # Ready while some worker can take requests: its health check passes and its breaker is not open.
-        ready = any(w.health is Health.UP and w.available() for w in registry.workers.values())
-        return JSONResponse({"ready": ready, "workers": workers}, status_code=200 if ready else 503)
-
-    @app.get("/ui", summary="Status page: routing mix, cost and savings, latency, worker health",
-             response_class=HTMLResponse, responses=doc.TEXT_RESPONSES)
-    async def ui() -> Response:
-        return Response(UI_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
-
-    @app.get("/ui/status.json", summary="The status page's numbers", responses=doc.STATUS_RESPONSES)
-    async def ui_status(request: Request) -> JSONResponse:
-        state = gw(request)
-        return JSONResponse(state.status.snapshot(state.live))
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-             responses=doc.TEXT_RESPONSES)
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(gw(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    for r in ROUTES:
+        app.add_api_route(r.path, _endpoint(r.handler), methods=[r.method], name=r.name, summary=r.summary,
+                          **r.extra)
     return app
+
+
+class _reload_on_sighup:
+    """While the block runs, SIGHUP reloads the config file (when `enabled`)."""
+
+    def __init__(self, state: GatewayState, *, enabled: bool) -> None:
+        self.state, self.enabled = state, enabled
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            with suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(reload_and_log(self.state, "SIGHUP"))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)

@@ -21,10 +21,10 @@ from rich.markup import escape
 
 from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError, KeyConfig
-from server.keystore import add_key, list_keys, revoke_key
-from server.redis_store import RedisStore
-from server.state import check_config_file
-from server.store import StoreUnavailable
+from server.quota.keystore import add_key, list_keys, revoke_key
+from server.snapshot import check_config_file
+from server.store.base import StoreUnavailable
+from server.store.redis_store import RedisStore
 
 T = TypeVar("T")
 EMBEDDER_HELP = "onnx (default), static (distilled from it; fast on CPUs) or st:<model path>"
@@ -111,8 +111,8 @@ def train_cmd(
 ) -> None:
     """Train a router on a table's training rows and write a versioned artifact."""
     _need_training_stack()
-    from routers.commands import run_train
-    from routers.dataset import TableError
+    from routers.offline.commands import run_train
+    from routers.offline.prices import TableError
 
     try:
         run_train(data, router, out, embedder, Console(width=None if Console().is_terminal else 150))
@@ -137,9 +137,9 @@ def eval_cmd(
 ) -> None:
     """Train each router on the training rows and report every routing metric on the evaluation rows."""
     _need_training_stack()
-    from routers.commands import run_eval
-    from routers.dataset import TableError
-    from routers.report import EvalOptions
+    from routers.offline.commands import run_eval
+    from routers.offline.prices import TableError
+    from routers.offline.report import EvalOptions
 
     try:
         run_eval(data, router or ["knn", "cost_aware", "bandit"],

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+from server.outcome import Outcome
+
 log = logging.getLogger("turnout.errors")
 
 
@@ -45,11 +47,12 @@ class GatewayError(Exception):
         # Set when the worker produced this error (its status), None when the gateway did.
         self.upstream_status = upstream_status
 
-    def status_label(self) -> str:
-        """The bounded `status` label of this outcome in metrics and the request log."""
+    @property
+    def outcome(self) -> Outcome:
+        """How a request that ends with this error ended (the bounded `status` label in metrics and logs)."""
         if self.status < 500:
-            return "client_error" if self.upstream_status is None else "worker_client_error"
-        return str(self.code or "error")
+            return Outcome.CLIENT_ERROR if self.upstream_status is None else Outcome.WORKER_CLIENT_ERROR
+        return Outcome.of_code(self.code)
 
     def log_message(self) -> str:
         """What the request log may say. A worker's own message can quote the request (prompt text),
@@ -65,6 +68,11 @@ class GatewayError(Exception):
     def sse_event(self) -> bytes:
         """The error as a final server-sent event, for failures after a stream has started."""
         return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+
+def internal_error() -> GatewayError:
+    """500: a bug in the gateway (its traceback goes to the gateway's log, never to the client)."""
+    return GatewayError(500, "Internal error in the gateway.", type="server_error", code="internal_error")
 
 
 def bad_request(message: str, param: str | None = None) -> GatewayError:
@@ -224,7 +232,7 @@ def install_handlers(app: FastAPI) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # A bug: log the traceback for the operator, but never send it to the client.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        err = GatewayError(500, "Internal error in the gateway.", type="server_error", code="internal_error")
+        err = internal_error()
         # This handler runs outside the request-id middleware, so it sets the header itself.
         return error_response(err, request_id(request))
 

@@ -16,11 +16,11 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from loadtest.engines import fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
-from routers.embedders import Embedder
+from routers.embedding.base import Embedder
 from server.app import create_app
 from server.config import TurnoutConfig, parse_config
-from tests.procs import ManagedProcess, free_port
+from testkit.engines import fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
+from testkit.procs import ManagedProcess, free_port
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from routers.artifacts import save_artifact
-from routers.dataset import RoutingData
-from routers.training import TrainOptions, train
+from routers.offline.dataset import RoutingData
+from routers.offline.training import TrainOptions, train
 
 F32 = npt.NDArray[np.float32]
 DIM = 16

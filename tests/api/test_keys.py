@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import pytest
 
-from server.keys import hash_key
-from tests.clock import DAY_S, fresh_period_wait_s
+from server.quota.keys import hash_key
+from testkit.clock import DAY_S, fresh_period_wait_s
 from tests.conftest import InProcess, Upstream, fake_config, gateway_in_process
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -133,7 +133,7 @@ async def test_an_answer_without_usage_is_charged_its_whole_hold(fakes: dict[str
             await asyncio.sleep(0.02)
     # Nothing says what the worker generated: the worst case held is what is spent.
     assert state.held == pytest.approx(0.0, abs=1e-15) and state.spent > 0
-    from server.limits import prompt_tokens_bound
+    from server.quota.limits import prompt_tokens_bound
     worst = (prompt_tokens_bound({"messages": HI}) * 0.1 + 10 * 0.2) / 1e6
     assert state.spent == pytest.approx(worst, rel=1e-9)
 
@@ -149,7 +149,7 @@ async def test_a_budget_too_small_for_the_dear_model_routes_to_the_cheap_one(
     """The hold is made before routing, for the dearest candidate that fits; routing keeps to the candidates
     that fit it, and once the model is chosen the rest of the hold is given back."""
     monkeypatch.setenv("TURNOUT_TEST_OTHER_KEY", "tk-other")
-    from server.limits import prompt_tokens_bound
+    from server.quota.limits import prompt_tokens_bound
     bound = prompt_tokens_bound({"messages": HI})
     small, big = (bound * 0.1 + 10 * 0.2) / 1e6, (bound * 1.0 + 10 * 3.0) / 1e6
     # Room for big's worst case once, then only for small's: `split` sends half of its requests to big.

@@ -249,7 +249,7 @@ async def test_reload_is_disabled_without_an_admin_key(fakes: dict[str, Upstream
 
 async def test_artifact_for_another_embedder_is_a_config_problem(fakes: dict[str, Upstream],
                                                                 artifacts: dict[str, Path]) -> None:
-    from routers.embedders import OnnxMiniLMEmbedder
+    from routers.embedding.onnx import OnnxMiniLMEmbedder
     from server.config import ConfigError
 
     with pytest.raises(ConfigError) as exc:
@@ -261,7 +261,7 @@ async def test_artifact_for_another_embedder_is_a_config_problem(fakes: dict[str
 
 def test_check_config_builds_every_policy_and_lists_every_problem(artifacts: dict[str, Path], tmp_path: Path) -> None:
     from server.config import ConfigError
-    from server.state import check_config_file
+    from server.snapshot import check_config_file
 
     raw: dict[str, Any] = {
         "workers": [{"name": "small", "model": "fake-small", "base_url": "http://127.0.0.1:1/v1"}],
@@ -294,7 +294,7 @@ def test_check_config_builds_every_policy_and_lists_every_problem(artifacts: dic
 
 async def test_a_budgeted_key_gets_a_cheaper_model_that_fits(fakes: dict[str, Upstream], artifacts: dict[str, Path],
                                                              fake_reset: None) -> None:
-    from server.keys import hash_key
+    from server.quota.keys import hash_key
 
     raw = routed_config(fakes, artifacts)
     raw["auth"] = {"enabled": True, "keys": [{"name": "rich", "key_sha256": hash_key("tk-rich")},

@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.types import Message, Scope
 
-from loadtest.engines import BUNDLED_TABLE
 from loadtest.replay_worker import (
     ANSWER_TOKENS,
     FILLER,
@@ -39,7 +38,8 @@ from loadtest.replay_worker import (
     parse_size_b,
     prompt_tokens_of,
 )
-from tests.procs import ManagedProcess, free_port
+from testkit.engines import BUNDLED_TABLE
+from testkit.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = BUNDLED_TABLE

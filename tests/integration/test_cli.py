@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.engines import PY_ENV, REPO
+from testkit.engines import PY_ENV, REPO
+from testkit.procs import ManagedProcess, free_port
 from tests.conftest import Upstream, fake_config
-from tests.procs import ManagedProcess, free_port
 
 
 def test_serve_reads_turnout_config_from_the_environment(fakes: dict[str, Upstream], tmp_path: Path) -> None:

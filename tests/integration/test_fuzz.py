@@ -38,9 +38,9 @@ from schemathesis.hooks import HookContext
 from schemathesis.pytest.lazy import get_all_tests
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from server.keys import hash_key
+from server.quota.keys import hash_key
+from testkit.procs import ManagedProcess, free_port
 from tests.conftest import Upstream, fake_config, serve_gateway
-from tests.procs import ManagedProcess, free_port
 
 CLIENT_KEY = "tk-fuzz-client"
 NARROW_KEY = "tk-fuzz-narrow"  # may use the `cheap` policy and the `small` worker only

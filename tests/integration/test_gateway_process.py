@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from testkit.promtext import sample_sum
 from tests.conftest import Upstream, fake_config, serve_gateway
-from tests.integration.promtext import sample_sum
 
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 

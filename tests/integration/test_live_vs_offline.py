@@ -7,7 +7,8 @@ test-split prompts then get two decisions:
 
 - offline, exactly as `turnout eval` computes them: the table embedded as a whole (`load_and_embed`), the eval
   split (`eval_rows`), the router built from the artifact scoring the batch (`UtilityRouter.scores`, what
-  `routers.report.predict` does), and the argmax rule of eval's lambda sweep (`choose`, what `policy_curve` does);
+  `routers.offline.report.predict` does), and the argmax rule of eval's lambda sweep (`choose`, what
+  `policy_curve` does);
 - live: each prompt sent through the gateway with the `openai` SDK, one prompt at a time as a client would,
   reading `x-turnout-model` and `x-turnout-artifact`; and `POST /v1/route` for every prompt of the test split.
 
@@ -40,16 +41,17 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from loadtest.engines import BUNDLED_TABLE, has_avx2, vllm_process, vllm_ready
 from routers.artifacts import load_artifact
-from routers.commands import load_and_embed, run_train
 from routers.cost_aware import LAMBDA_GRID, choose
-from routers.dataset import read_models_json_prices, train_test
 from routers.from_artifact import router_from_artifact
 from routers.learned import UtilityRouter
-from routers.report import EvalOptions, eval_rows
+from routers.offline.commands import load_and_embed, run_train
+from routers.offline.prices import read_models_json_prices
+from routers.offline.report import EvalOptions, eval_rows
+from routers.offline.splits import train_test
+from testkit.engines import BUNDLED_TABLE, has_avx2, vllm_process, vllm_ready
+from testkit.procs import ManagedProcess, free_port
 from tests.conftest import serve_gateway
-from tests.procs import ManagedProcess, free_port
 
 # The first test's setup starts two vLLM servers (about 100 s, in parallel) while it trains the artifact (about
 # 45 s, plus about 90 s to embed the table once when ~/.cache/turnout/embeddings does not have it yet): 80 s

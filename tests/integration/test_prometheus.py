@@ -28,10 +28,10 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 from rich.console import Console
 
-from routers.commands import run_train
+from routers.offline.commands import run_train
+from testkit.procs import ManagedProcess, free_port, system_binary
 from tests.conftest import Upstream, serve_gateway
 from tests.integration.test_live_vs_offline import CHEAP, STRONG, two_model_table
-from tests.procs import ManagedProcess, free_port, system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "turnout-rules.yml"

@@ -19,9 +19,9 @@ import httpx2
 import openai
 import pytest
 
+from testkit.procs import ManagedProcess
+from testkit.promtext import sample_sum
 from tests.conftest import _port_of, serve_gateway, start_fake
-from tests.integration.promtext import sample_sum
-from tests.procs import ManagedProcess
 
 MSG: list[Any] = [{"role": "user", "content": "hello there"}]
 

@@ -12,11 +12,11 @@ from typing import Any
 import openai
 import pytest
 
-from loadtest.engines import has_avx2, vllm_process, vllm_ready
+from testkit.engines import has_avx2, vllm_process, vllm_ready
+from testkit.procs import free_port
+from testkit.promtext import sample_sum
 from tests.conftest import serve_gateway, start_fake
-from tests.integration.promtext import sample_sum
 from tests.integration.test_reliability import gateway_config, stream_killing, worker
-from tests.procs import free_port
 
 pytestmark = pytest.mark.vllm
 MSG: list[Any] = [{"role": "user", "content": "Name three colours."}]

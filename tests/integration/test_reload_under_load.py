@@ -17,8 +17,8 @@ import pytest
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
+from testkit.promtext import sample_sum
 from tests.conftest import Upstream, fake_config, serve_gateway
-from tests.integration.promtext import sample_sum
 
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count slowly"}]
 KEY = "reload-test-key"

@@ -16,11 +16,11 @@ import httpx
 import pytest
 import redis
 
-from server.keys import hash_key
-from tests.clock import DAY_S, fresh_period_wait_s
+from server.quota.keys import hash_key
+from testkit.clock import DAY_S, fresh_period_wait_s
+from testkit.promtext import sample_sum
+from testkit.redis_server import RedisServer
 from tests.conftest import Upstream, serve_gateway
-from tests.integration.promtext import sample_sum
-from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
 REPLICAS = 3
@@ -214,7 +214,7 @@ def test_bandit_feedback_through_all_replicas_all_lands(fakes: dict[str, Upstrea
     import numpy as np
     from rich.console import Console
 
-    from routers.commands import run_train
+    from routers.offline.commands import run_train
     from tests.integration.test_live_vs_offline import CHEAP, STRONG, two_model_table
 
     info = run_train(two_model_table(tmp_path), "bandit", tmp_path / "bandit", "static",
@@ -279,7 +279,7 @@ def test_keys_added_and_revoked_at_run_time_reach_every_replica(fakes: dict[str,
     import subprocess
     import sys
 
-    from loadtest.engines import PY_ENV, REPO
+    from testkit.engines import PY_ENV, REPO
 
     cfg: dict[str, Any] = {
         "workers": [{"name": "small", "model": "fake-small", "base_url": fakes["fake-small"].base_url}],

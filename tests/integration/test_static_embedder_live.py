@@ -16,14 +16,14 @@ import pytest
 from rich.console import Console
 
 from routers.artifacts import load_artifact
-from routers.commands import load_and_embed, run_train
 from routers.cost_aware import LAMBDA_GRID, choose
+from routers.embedding.static import STATIC_ID
 from routers.from_artifact import router_from_artifact
 from routers.learned import UtilityRouter
-from routers.report import EvalOptions, eval_rows
-from routers.static_embedder import STATIC_ID
+from routers.offline.commands import load_and_embed, run_train
+from routers.offline.report import EvalOptions, eval_rows
 from server.config import ConfigError
-from server.state import check_config_file
+from server.snapshot import check_config_file
 from tests.conftest import Upstream, gateway_in_process
 from tests.integration.test_live_vs_offline import CHEAP, STRONG, two_model_table
 

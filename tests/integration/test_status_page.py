@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
+from testkit.procs import free_port, system_binary
 from tests.conftest import Upstream, fake_config, serve_gateway
-from tests.procs import free_port, system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "loadtest" / "results" / "status_page.png"

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from server.redis_store import RedisStore
-from server.store import Hold, MemoryStore, Store, StoreUnavailable
-from tests.clock import fresh_period_wait_s
-from tests.redis_server import RedisServer
+from server.store.base import Hold, Store, StoreUnavailable
+from server.store.memory import MemoryStore
+from server.store.redis_store import RedisStore
+from testkit.clock import fresh_period_wait_s
+from testkit.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")

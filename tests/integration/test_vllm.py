@@ -14,8 +14,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from testkit.promtext import sample_sum
 from tests.conftest import Upstream, serve_gateway
-from tests.integration.promtext import sample_sum
 
 pytestmark = pytest.mark.vllm
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colours."}]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from server.admission import worst_tokens
-from server.limits import MEDIA_PART_TOKENS, prompt_tokens_bound
-from server.store import MemoryStore
+from server.quota.admission import worst_tokens
+from server.quota.limits import MEDIA_PART_TOKENS, prompt_tokens_bound
+from server.store.memory import MemoryStore
 
 MSG = [{"role": "user", "content": "hello"}]
 

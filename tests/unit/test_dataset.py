@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from routers.dataset import RoutingData, TableError, dedupe_within, kfold, load_table, train_test
+from routers.offline.dataset import RoutingData, load_table
+from routers.offline.prices import TableError
+from routers.offline.splits import dedupe_within, kfold, train_test
 
 DATA = Path("/work/shared/data")
 A, B = "org/model-a.1", "model-b"  # model names may contain '/' and '.'

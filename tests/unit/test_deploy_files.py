@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from server.config import load_config
-from tests.procs import system_binary
+from testkit.procs import system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = ("gpu", "cpu")

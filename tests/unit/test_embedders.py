@@ -14,16 +14,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from routers.embed_cache import CachedEmbedder, corpus_key, embed_corpus
-from routers.embedders import (
-    DEFAULT_TOKENIZER,
-    Embedder,
-    OnnxMiniLMEmbedder,
-    SentenceTransformerEmbedder,
-    default_embedder,
-    make_embedder,
-    plan_batches,
-)
+from routers.embedding.base import Embedder
+from routers.embedding.cache import CachedEmbedder, corpus_key, embed_corpus
+from routers.embedding.factory import default_embedder, make_embedder
+from routers.embedding.onnx import DEFAULT_TOKENIZER, OnnxMiniLMEmbedder, plan_batches
+from routers.embedding.st import SentenceTransformerEmbedder
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 384
@@ -196,7 +191,8 @@ def test_make_embedder_and_default() -> None:
 
 
 def test_importing_the_embedders_needs_no_torch() -> None:
-    code = "import sys, routers.embedders; sys.exit('torch' in sys.modules or 'sentence_transformers' in sys.modules)"
+    code = ("import sys, routers.embedding.factory; "
+            "sys.exit('torch' in sys.modules or 'sentence_transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
 
 

@@ -66,4 +66,4 @@ def test_worker_messages_are_not_logged() -> None:
     err = from_upstream_status("w", 400, b'{"error": {"message": "prompt SECRET too long", "type": "BadRequestError"}}')
     assert err.message == "prompt SECRET too long"
     assert "SECRET" not in err.log_message() and "400" in err.log_message()
-    assert err.status_label() == "worker_client_error"
+    assert err.outcome == "worker_client_error"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routers.evaluation import (
+from routers.offline.evaluation import (
     aiq,
     apgr,
     best_single,

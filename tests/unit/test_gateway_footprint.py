@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from routers.artifacts import save_artifact
-from routers.training import TrainOptions, train
+from routers.offline.training import TrainOptions, train
 from tests.unit.test_learned_routers import MODELS, two_topic_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,11 +37,11 @@ def test_serving_imports_no_training_stack(artifacts: dict[str, str]) -> None:
         import json, sys
         from pathlib import Path
         import numpy as np
-        import server.cli, server.app, server.state, server.routing  # what `turnout serve` loads
+        import server.cli, server.app, server.gateway, server.policy.selection  # what `turnout serve` loads
         from routers.artifacts import load_artifact
         from routers.base import RoutingRequest
         from routers.from_artifact import router_from_artifact
-        from routers.embedders import make_embedder
+        from routers.embedding.factory import make_embedder
         make_embedder("onnx").embed(["how far is the moon?"])  # the default embedder, loaded and run
         for kind, path in {json.dumps(artifacts)}.items():
             router = router_from_artifact(kind, load_artifact(Path(path), embedder_id="test-embedder",

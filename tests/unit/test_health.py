@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from server.config import parse_config
-from server.workers import Health, HealthMonitor, WorkerRegistry
+from server.upstream.workers import Health, HealthMonitor, WorkerRegistry
 
 
 def registry() -> WorkerRegistry:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from server.config import parse_config
-from tests.procs import system_binary
+from testkit.procs import system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ("gpu", "cpu")

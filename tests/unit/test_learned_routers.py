@@ -12,11 +12,11 @@ from routers.artifacts import Artifact, ArtifactError, load_artifact, save_artif
 from routers.bandit import BanditRouter, LinUCB, Projection
 from routers.base import RoutingOutcome, RoutingRequest
 from routers.cost_aware import BudgetPacer, choose, lambda_for_target
-from routers.dataset import RoutingData
 from routers.from_artifact import router_from_artifact
 from routers.learned import UtilityRouter
+from routers.offline.dataset import RoutingData
+from routers.offline.training import TrainOptions, policy_curve, train
 from routers.predictors import KnnIndex, KnnPredictor, ProbePredictor
-from routers.training import TrainOptions, policy_curve, train
 
 RNG = np.random.default_rng(0)
 MODELS = ["cheap", "strong"]
@@ -223,7 +223,7 @@ def test_probe_learns_from_text_statistics_when_the_embedding_says_nothing() -> 
 
 
 def test_two_model_tables_without_costs_select_by_apgr() -> None:
-    from routers.training import selection_score
+    from routers.offline.training import selection_score
 
     rng = np.random.default_rng(4)
     scores = np.column_stack([np.ones(100), rng.integers(0, 2, 100)]).astype(np.float64)  # strong, weak

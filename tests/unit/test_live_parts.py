@@ -14,14 +14,14 @@ import pytest
 
 from routers.base import RoutingDecision, RoutingOutcome, RoutingRequest
 from server.config import TurnoutConfig, parse_config
-from server.embedding import EmbeddingService
-from server.feedback import FeedbackBook
-from server.load import LoadMonitor, parse_vllm_load
-from server.metrics import Metrics
-from server.sessions import AffinityStore
-from server.shared import StoreGuard
-from server.store import MemoryStore
-from server.workers import WorkerRegistry
+from server.policy.affinity import AffinityStore
+from server.policy.embedding import EmbeddingService
+from server.policy.feedback import FeedbackBook
+from server.store.guard import StoreGuard
+from server.store.memory import MemoryStore
+from server.telemetry.metrics import Metrics
+from server.upstream.load import LoadMonitor, parse_vllm_load
+from server.upstream.workers import WorkerRegistry
 from tests.routing_fixtures import TopicEmbedder
 
 

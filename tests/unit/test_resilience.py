@@ -8,7 +8,7 @@ import pytest
 
 from server.config import ReliabilityConfig, UpstreamConfig, WorkerConfig
 from server.errors import GatewayError
-from server.resilience import Breaker, BreakerState, EffectiveTimeouts, Gate, RetryBudget
+from server.upstream.resilience import Breaker, BreakerState, EffectiveTimeouts, Gate, RetryBudget
 
 
 class Clock:

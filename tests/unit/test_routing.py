@@ -15,13 +15,14 @@ from routers.registry import REGISTRY, build_router
 from routers.specs import FixedSpec, WeightedSpec
 from server.config import parse_config
 from server.errors import GatewayError
-from server.metrics import Metrics
-from server.protocol import RouteOptions
-from server.routing import RouteInput, RoutingTable, Selection, select
-from server.sessions import AffinityStore
-from server.shared import StoreGuard
-from server.store import MemoryStore
-from server.workers import Health, WorkerRegistry
+from server.policy.affinity import AffinityStore
+from server.policy.options import RouteOptions
+from server.policy.selection import RouteInput, Selection, select
+from server.policy.table import RoutingTable
+from server.store.guard import StoreGuard
+from server.store.memory import MemoryStore
+from server.telemetry.metrics import Metrics
+from server.upstream.workers import Health, WorkerRegistry
 
 REQ = RoutingRequest(request_id="r", text="hi", candidates=("a", "b"))
 

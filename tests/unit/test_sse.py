@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from server.sse import EventSplitter, event_data
+from server.upstream.sse import EventSplitter, event_data
 
 STREAM = b'data: {"a":1}\n\n: keep-alive comment\n\ndata: {"b":2}\n\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n'
 

@@ -9,9 +9,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import routers.static_embedder as static
-from routers.embedders import OnnxMiniLMEmbedder, embedder_id, make_embedder
-from routers.static_embedder import STATIC_ID, StaticEmbedder, distil_table, load_or_distil
+import routers.embedding.static as static
+from routers.embedding.factory import embedder_id, make_embedder
+from routers.embedding.onnx import OnnxMiniLMEmbedder
+from routers.embedding.static import STATIC_ID, StaticEmbedder, distil_table, load_or_distil
 
 WORDS = ["paris", "bread", "python", "stock", "joke", "france", "capital", "the", "of", "what", "is"]
 

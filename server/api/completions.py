@@ -1,0 +1,143 @@
+"""The request pipeline of `POST /v1/chat/completions` and `POST /v1/completions`: read and validate the body,
+authenticate, admit (limits and the budget's hold), route, forward (retries and fallbacks), respond. The
+request's `RequestLife` ends it, streaming or not (`server.api.lifecycle`)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from server.api.body import decode_json, read_body, until_disconnect
+from server.api.input_limits import check_limits
+from server.api.lifecycle import LifeParts, RequestLife
+from server.api.prompts import prompt_text
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, validate_body
+from server.errors import GatewayError, error_response, internal_error
+from server.gateway import GatewayState
+from server.outcome import Outcome
+from server.policy.selection import (
+    SESSION_HEADER,
+    RouteInput,
+    candidate_targets,
+    explicit_policy,
+    fallback_targets,
+    select,
+)
+from server.policy.table import POLICY_HEADER
+from server.quota.admission import admit, bound_answer, check_access, keep_within_hold, within_budget
+from server.quota.keys import KeyRecord
+from server.quota.keystore import authenticate
+from server.snapshot import Live
+from server.telemetry.record import Exchange
+from server.upstream.forward import Call
+
+log = logging.getLogger("turnout.completions")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A completion endpoint: the worker's path and the schema its body is validated with."""
+
+    kind: str  # "chat" or "completions": the request log's `endpoint`
+    path: str
+    schema: type[OpenAIRequest]
+
+
+CHAT = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
+COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest)
+
+
+def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
+    """What routing needs from a validated request: the text a policy reads (the last user message; see
+    `prompt_text`), the per-request routing choices, and the session for affinity."""
+    session = request.headers.get(SESSION_HEADER) or req.user
+    return RouteInput(model=req.model, text=prompt_text(body), options=req.turnout,
+                      header_policy=request.headers.get(POLICY_HEADER), session=session or None)
+
+
+async def handle_completion(endpoint: Endpoint, request: Request, gw: GatewayState) -> Response:
+    """Serve one completion request; whatever happens, the response it returns ends its lifecycle."""
+    ex = Exchange(request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex, endpoint=endpoint.kind)
+    life = RequestLife(ex, LifeParts(gw.recorder, gw.metrics.in_flight, gw.feedback, gw.limits, gw.spawn))
+    try:
+        return await _serve(endpoint, request, gw, life)
+    except ClientDisconnect:
+        ex.status, ex.http_status = Outcome.CLIENT_DISCONNECT, 499
+        return life.respond_empty(499)
+    except GatewayError as err:
+        ex.status, ex.http_status, ex.error = err.outcome, err.status, err.log_message()
+        return life.respond_error(error_response(err, ex.headers()))
+    except Exception:
+        log.exception("request %s failed in the gateway", ex.request_id)
+        ex.status, ex.http_status, ex.error = Outcome.INTERNAL_ERROR, 500, "internal error (see the gateway's log)"
+        return life.respond_error(error_response(internal_error(), ex.headers()))
+    except BaseException:  # cancelled before any response: the request still ends, once
+        await life.end()
+        raise
+
+
+async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: RequestLife) -> Response:
+    """The pipeline's steps in order (see the module docstring)."""
+    ex = life.ex
+    live = gw.live  # one snapshot for the whole request, whatever a reload does meanwhile
+    srv = live.config.server
+    body = decode_json(await read_body(request, srv.max_body_bytes))
+    req = validate_body(endpoint.schema, body)
+    check_limits(body, srv)
+    ex.stream = bool(req.stream)
+    ex.reference_price = live.config.reference[1]
+    if srv.log_prompts:
+        ex.prompt_log = body.get("messages") if endpoint.kind == "chat" else body.get("prompt")
+        ex.completion_parts = []
+    body.pop("turnout", None)  # the gateway's own field; workers never see it
+    inp = route_input(request, body, req)
+    key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+    if key is not None:
+        inp = await _admit(gw, live, key, inp, body, life)
+    selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
+    life.routed(selection)
+    call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body)
+    if ex.stream:
+        client_opts = body.get("stream_options") or {}
+        call.wants_usage = bool(client_opts.get("include_usage"))
+        # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
+        body["stream_options"] = {**client_opts, "include_usage": True}
+    if life.admission is not None:
+        call.targets = keep_within_hold(gw.limits, life.admission, call.targets, gw.spawn)
+    result = await until_disconnect(request, gw.forwarder.send(live.registry, call, ex))
+    if result is None:
+        ex.status, ex.http_status = Outcome.CLIENT_DISCONNECT, 499
+        return life.respond_empty(499)  # nobody is listening any more
+    return life.respond(result)
+
+
+async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
+                 life: RequestLife) -> RouteInput:
+    """A keyed request's admission: what it may use (403), its limits and budget hold (429); routing then keeps
+    within what the hold covers."""
+    check_access(key, live.table.policy_for(inp.model, explicit_policy(inp)), inp.model)
+    bound_answer(key, body, live.config.server.default_max_tokens)
+    prices = {}
+    if key.config.budget_usd is not None:
+        prices = {t: live.registry.resolve(t)[0].config.price
+                  for t in candidate_targets(live.table, live.registry, inp)}
+    adm = await admit(gw.limits, key, body, prices)
+    life.hold(adm)
+    life.ex.key = key.name
+    return within_budget(inp, adm)
+
+
+async def handle_chat(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/chat/completions`."""
+    return await handle_completion(CHAT, request, gw)
+
+
+async def handle_text(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/completions`."""
+    return await handle_completion(COMPLETIONS, request, gw)

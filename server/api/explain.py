@@ -1,0 +1,65 @@
+"""`POST /v1/route`: explain the routing decision for a chat request without running it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import Response
+
+from routers.base import RoutingDecision
+from server.api.body import decode_json, read_body
+from server.api.completions import route_input
+from server.api.input_limits import check_limits
+from server.api.protocol import ChatCompletionRequest, validate_body
+from server.api.responses import json_response
+from server.errors import GatewayError, error_response
+from server.gateway import GatewayState
+from server.policy.selection import explicit_policy, select
+from server.quota.keys import forbidden
+from server.quota.keystore import authenticate
+
+
+def decisionjson_response(d: RoutingDecision) -> dict[str, Any]:
+    """A decision as the explain endpoint shows it: every candidate's predictions, best first."""
+    return {
+        "policy": d.policy, "artifact": d.version, "chosen": d.chosen, "reason": d.reason,
+        "candidates": [{"name": c.name, "score": c.score, "predicted_quality": c.predicted_quality,
+                        "predicted_cost_usd": c.predicted_cost_usd} for c in d.ranking],
+    }
+
+
+async def handle_route(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/route`: the decision for a chat request, computed exactly as for a real one, without
+    calling a worker or remembering anything for the session."""
+    live = gw.live
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    try:
+        key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+        body = decode_json(await read_body(request, live.config.server.max_body_bytes))
+        req = validate_body(ChatCompletionRequest, body)
+        assert isinstance(req, ChatCompletionRequest)
+        check_limits(body, live.config.server)
+        inp = route_input(request, body, req)
+        policy = live.table.policy_for(inp.model, explicit_policy(inp))
+        if key is not None and policy is not None and not key.allows_policy(policy):
+            raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
+        sel = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, request_id, dry_run=True)
+    except GatewayError as err:
+        return error_response(err, {"x-turnout-request-id": request_id})
+    out: dict[str, Any] = {"object": "turnout.route", "request_id": request_id, "model": sel.target,
+                           "policy": sel.policy, "config_generation": live.generation}
+    if sel.decision is None:
+        out["reason"] = f"model '{sel.target}' names a worker or model directly; no policy applies"
+    else:
+        out.update(decisionjson_response(sel.decision))
+        out["routing_ms"] = round(sel.routing_s * 1000, 3)
+        out["embedding_cached"] = sel.embed_cached
+        out["affinity"] = sel.affinity
+        # The candidates this policy has that were left out because no worker for them is up.
+        out["unavailable"] = [t for t in sel.router.targets() if not live.registry.usable(t)] if sel.router else []
+    out["workers"] = [{"name": w.name, "health": w.health.value, "load": w.load()}
+                      for w in live.registry.resolve(sel.target)]
+    out["shadow"] = decisionjson_response(sel.shadow) if sel.shadow is not None else None
+    return json_response(out, headers={"x-turnout-request-id": request_id})

@@ -1,0 +1,146 @@
+"""OpenAI request schemas, used to validate what the gateway relies on and to name the bad field.
+
+Validation is deliberately partial: known fields are type-checked, unknown fields (vLLM's extra
+sampling parameters, future OpenAI fields) are allowed and forwarded untouched, because the gateway
+forwards the client's own JSON, not a re-serialised model. One exception: chat's `messages` sent to the text
+completion endpoint is refused (400). JSON nested too deep to be written out again is refused where it is
+written (`server.upstream.forward.encode_json`, `server.quota.limits.prompt_tokens_bound`).
+These models are also the request bodies of `/openapi.json` (`server.api.openapi`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from server.api.prompts import content_text, prompt_text
+from server.config import field_path
+from server.errors import GatewayError, bad_request
+from server.policy.options import RouteOptions
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    """One part of a multi-part message content (text, or another type the worker understands)."""
+
+    # The JSON schema of the check below, for `/openapi.json`.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "text"}}, "required": ["type"]},
+        "then": {"properties": {"text": {"type": "string"}}, "required": ["text"]},
+    })
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> TextPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a part of type 'text' needs a string 'text'")
+        return self
+
+
+class ChatMessage(_Open):
+    """A chat message; content may be text, a list of parts, or absent (assistant tool calls)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[TextPart] | None = None
+
+
+class StreamOptions(_Open):
+    """`stream_options`; the gateway always asks the worker for usage."""
+
+    include_usage: StrictBool | None = None
+
+
+class OpenAIRequest(_Open):
+    """What chat and text completion requests share: model, sampling, streaming, and Turnout's own field."""
+
+    model: StrictStr = Field(min_length=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    # Chat's newer name for max_tokens. Checked on both endpoints: a keyed request's worst case reads both.
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
+    user: StrictStr | None = None
+    turnout: RouteOptions | None = None
+
+    #: Fields that belong to the other endpoint, refused by name (see `CompletionRequest`).
+    misplaced: ClassVar[dict[str, str]] = {}
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """`POST /v1/chat/completions` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(OpenAIRequest):
+    """`POST /v1/completions` body."""
+
+    # `messages` would be read as the prompt (routing and a keyed request's worst case look for it first), and is
+    # no field of a text completion: refused by name rather than forwarded.
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = {
+        "messages": "a text completion takes 'prompt'; 'messages' is for /v1/chat/completions."}
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic puts union member tags such as `str` or `list[TextPart]` into error locations."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or not part.isidentifier())
+
+
+def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
+    """Validate a decoded JSON body; a `GatewayError` 400 naming the first bad field otherwise."""
+    if not isinstance(body, dict):
+        raise bad_request(f"Request body must be a JSON object, got {type(body).__name__}.")
+    for name, why in schema.misplaced.items():
+        if name in body:
+            raise bad_request(f"Unexpected field '{name}': {why}", name)
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # Union members each report an error; the shortest location is the field the client wrote.
+        first = min(errors, key=lambda e: len(e["loc"]))
+        loc = tuple(p for p in first["loc"] if not _is_union_tag(p))
+        param = field_path(loc)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise bad_request(f"Invalid value for '{param}': {first['msg']}{more}", param) from None
+    return req
+
+
+def invalid_body(exc: ValidationError) -> GatewayError:
+    """400 naming the first bad field of a small JSON body (feedback, a key's rules)."""
+    first = exc.errors(include_url=False)[0]
+    param = field_path(tuple(first["loc"])) or None
+    return bad_request(f"Invalid value for '{param or 'body'}': {first['msg']}", param)
+
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "GatewayError",
+    "RouteOptions",
+    "content_text",
+    "invalid_body",
+    "prompt_text",
+    "validate_body",
+]

@@ -1,0 +1,102 @@
+"""A keyed request's admission, in the numbers `server.quota.limits` keeps: what the key may use (403), its
+per-minute limits (429) and its budget's worst-case hold, made before routing so routing can keep to what fits
+and trimmed once the model is chosen; then the settle when the request ends. One round trip to the store on
+the request's path. The request pipeline (`server.api.completions`) runs these steps in order."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from server.config import Price
+from server.policy.options import RouteOptions
+from server.policy.selection import RouteInput
+from server.quota.keys import KeyRecord, forbidden
+from server.quota.limits import Admission, Limits, prompt_tokens_bound
+from server.telemetry.record import Exchange
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def check_access(key: KeyRecord, policy: str | None, model: str) -> None:
+    """403 unless the key may use `policy` (or, with no policy, call `model` directly)."""
+    if policy is not None and not key.allows_policy(policy):
+        raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
+    if policy is None and not key.allows_model(model):
+        raise forbidden(f"Key '{key.name}' may not call '{model}' directly.", "model")
+
+
+def bound_answer(key: KeyRecord, body: dict[str, Any], default_max_tokens: int) -> None:
+    """Give the answer a length bound when the key has a budget or a token limit and the client set none:
+    a worst case needs one, or a request could spend past the budget."""
+    c = key.config
+    if (c.budget_usd is not None or c.tokens_per_minute is not None) and not (
+            body.get("max_tokens") or body.get("max_completion_tokens")):
+        body["max_tokens"] = default_max_tokens
+
+
+async def admit(limits: Limits, key: KeyRecord, body: dict[str, Any], prices: Mapping[str, Price]) -> Admission:
+    """Count the request against the key's per-minute limits and hold its worst-case cost against its budget
+    (429 past either). `prices`: each candidate target's price, whose worst cases the hold must cover."""
+    worst: dict[str, float] = {}
+    if key.config.budget_usd is not None:
+        prompt, out = prompt_tokens_bound(body), _max_out(body)
+        worst = {t: price.cost_usd(prompt, out) for t, price in prices.items()}
+    adm = await limits.admit(key, worst_tokens(body), worst)
+    adm.worst_usd = worst
+    return adm
+
+
+async def settle(limits: Limits, adm: Admission, ex: Exchange) -> None:
+    """Settle the hold of the ended request `ex`: what it cost, or the worst case held when the worker may
+    have generated without reporting usage (a stream cut before its usage chunk, a client gone mid-answer):
+    never less than what may have been spent."""
+    if ex.cost_usd is None and ex.worker is not None and ex.status.unmetered:
+        await limits.settle(adm, adm.usd_held, adm.tokens_held or None)
+        return
+    used = (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
+    await limits.settle(adm, ex.cost_usd, used)
+
+
+def _max_out(body: dict[str, Any]) -> int:
+    """The most answer tokens: the larger of max_tokens and max_completion_tokens (engines differ on which
+    wins), for each of n answers to each prompt of a batched completion."""
+    out = max(int(body.get("max_tokens") or 0), int(body.get("max_completion_tokens") or 0))
+    n = int(body.get("n") or 1)
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return out * n * prompts
+
+
+def worst_tokens(body: dict[str, Any]) -> int:
+    """The most tokens the request can use: its prompt's upper bound plus max_tokens for each of n answers."""
+    return prompt_tokens_bound(body) + _max_out(body)
+
+
+def within_budget(inp: RouteInput, adm: Admission) -> RouteInput:
+    """Routing within what the key's budget allows: only the candidates whose worst case fits the hold, and
+    for a cost-aware policy an expected cost no more than what was left of the budget."""
+    if adm.remaining_usd is None:
+        return inp
+    opts = inp.options or RouteOptions()
+    update: dict[str, Any] = {}
+    fits = [t for t, usd in adm.worst_usd.items() if usd <= adm.usd_held]
+    if len(fits) < len(adm.worst_usd):
+        update["candidates"] = fits
+    if adm.remaining_usd > 0:
+        update["max_cost_usd"] = min(adm.remaining_usd, opts.max_cost_usd or adm.remaining_usd)
+    return dataclasses.replace(inp, options=opts.model_copy(update=update)) if update else inp
+
+
+def keep_within_hold(limits: Limits, adm: Admission, targets: list[str], spawn: Spawn) -> list[str]:
+    """The targets (the choice, then its fallbacks) whose worst case fits the hold; the part of the hold that
+    none of them can cost is given back (off the request's path, through `spawn`)."""
+    if adm.budget_key is None:
+        return targets
+    kept = [t for i, t in enumerate(targets) if i == 0 or adm.worst_usd.get(t, math.inf) <= adm.usd_held]
+    excess = adm.usd_held - max(adm.worst_usd.get(t, adm.usd_held) for t in kept)
+    if excess > 0:
+        spawn(limits.release(adm, excess))
+    return kept

@@ -1,0 +1,65 @@
+"""Starting the processes the tests, benchmarks and demo run against: vLLM CPU, fake workers, the gateway."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from routers.offline.prices import read_models_json_prices
+from testkit.procs import ManagedProcess
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
+PY_ENV = {"PYTHONPATH": str(REPO)}
+#: The routing table that ships with the project (see data/llmrouter_9model/NOTICE.md).
+BUNDLED_TABLE = REPO / "data" / "llmrouter_9model" / "data.parquet"
+
+
+def table_prices(table: Path, models: Sequence[str]) -> dict[str, float]:
+    """Each model's input price (USD per 1M tokens) from the models.json beside `table`, 0 where it has none; the
+    benchmarks give a worker that price for input and output alike."""
+    prices = read_models_json_prices(table.parent / "models.json") or {}
+    return {m: prices.get(m, (0.0, 0.0))[0] for m in models}
+
+
+def has_avx2() -> bool:
+    """vLLM's CPU build needs AVX2."""
+    try:
+        return any(line.startswith("flags") and " avx2" in line
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def vllm_ready() -> bool:
+    """True when `deploy/vllm-cpu/setup.sh` has built the worker's virtualenv and model."""
+    return ((VLLM_CACHE / "vllm-venv" / "bin" / "python").exists()
+            and (VLLM_CACHE / "models" / "gemma3-270m" / ".turnout-ready").exists())
+
+
+def vllm_process(port: int, log_path: Path, name: str = "gemma3-270m", cores: str = "",
+                 args: tuple[str, ...] = ()) -> ManagedProcess:
+    """A vLLM CPU server on loopback (not yet started); ready takes about a minute. `name`: one served model
+    name or several, comma-separated; `args`: more vLLM server arguments."""
+    cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name, cores, *args]
+    return ManagedProcess(cmd, ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, timeout_s=400)
+
+
+def fake_process(port: int, model: str, log_path: Path | None = None, *args: str) -> ManagedProcess:
+    """A fake OpenAI-compatible worker (not yet started)."""
+    return ManagedProcess(
+        [sys.executable, "-m", "testkit.fakes.worker", "--port", str(port), "--model", model, *args],
+        ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, env=PY_ENV, cwd=REPO, timeout_s=30,
+    )
+
+
+def gateway_process(config: Path, port: int, log_path: Path | None = None,
+                    log_level: str = "info") -> ManagedProcess:
+    """The gateway (`python -m server serve`) on loopback (not yet started)."""
+    return ManagedProcess(
+        [sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port),
+         "--log-level", log_level],
+        ready_url=f"http://127.0.0.1:{port}/healthz", log_path=log_path, env=PY_ENV, cwd=REPO, timeout_s=30,
+    )

@@ -1,0 +1,299 @@
+"""Pure request/response logic of the fake vLLM worker: validation, token accounting, payloads.
+
+Nothing here touches the network; :mod:`testkit.fakes.worker_stream` sends what this module builds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["chat", "completion"]
+
+DEFAULT_COMPLETION_TOKENS = 16
+TOKEN_TEXT = "tok "
+
+# Fault keys accepted in the per-request ``"fake"`` body field and in ``POST /fake/mode``.
+FLOAT_FAULT_KEYS = ("ttft_ms", "itl_ms", "latency_ms")
+INT_FAULT_KEYS = ("status", "drop_after")
+BOOL_FAULT_KEYS = ("no_usage", "hang")
+FAULT_KEYS = frozenset(FLOAT_FAULT_KEYS + INT_FAULT_KEYS + BOOL_FAULT_KEYS)
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+class FakeRequestError(Exception):
+    """A request the fake rejects; carries the HTTP status and the vLLM-shaped error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        """The JSON error body, shaped like vLLM's."""
+        return error_body(self.status, self.message, self.param)
+
+
+def error_type(status: int) -> str:
+    """The OpenAI/vLLM error ``type`` string for an HTTP status."""
+    if status in _ERROR_TYPES:
+        return _ERROR_TYPES[status]
+    return "InternalServerError" if status >= 500 else "BadRequestError"
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}`` as vLLM answers errors."""
+    return orjson.dumps({"error": {"message": message, "type": error_type(status), "param": param, "code": status}})
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Effective timing and fault settings for one request (worker defaults < mode < request)."""
+
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    latency_ms: float = 0.0
+    status: int | None = None
+    drop_after: int | None = None
+    no_usage: bool = False
+    hang: bool = False
+
+    def merged(self, overrides: dict[str, Any]) -> Faults:
+        """A copy with the given (already validated) fault keys replaced."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(overrides)
+        return Faults(**values)
+
+
+def parse_faults(raw: object, where: str = "fake") -> dict[str, Any]:
+    """Validate a fault dict (``"fake"`` body field or ``/fake/mode`` body); raise 400 on bad input."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise FakeRequestError(400, f"`{where}` must be a JSON object", where)
+    unknown = sorted(set(raw) - FAULT_KEYS)
+    if unknown:
+        raise FakeRequestError(400, f"unknown `{where}` keys {unknown}; allowed: {sorted(FAULT_KEYS)}", where)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in BOOL_FAULT_KEYS:
+            if not isinstance(value, bool):
+                raise FakeRequestError(400, f"`{where}.{key}` must be a boolean", where)
+            out[key] = value
+        elif key in INT_FAULT_KEYS:
+            if value is None:
+                out[key] = None
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise FakeRequestError(400, f"`{where}.{key}` must be a non-negative integer", where)
+            if key == "status" and not 100 <= value <= 599:
+                raise FakeRequestError(400, f"`{where}.status` must be an HTTP status code", where)
+            out[key] = value
+        else:
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise FakeRequestError(400, f"`{where}.{key}` must be a non-negative number", where)
+            out[key] = float(value)
+    return out
+
+
+def count_words(text: object) -> int:
+    """Whitespace-separated words of a string (anything else counts 0)."""
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+def _content_words(content: object) -> int:
+    if isinstance(content, list):
+        return sum(
+            count_words(part.get("text")) for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    if content is None or isinstance(content, str):
+        return count_words(content)
+    raise FakeRequestError(400, "message content must be a string or a list of content parts", "messages")
+
+
+def prompt_tokens_of(kind: Kind, body: dict[str, Any]) -> int:
+    """Deterministic prompt token count (words + 1 per message, or words of the prompt + 1)."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise FakeRequestError(400, "`messages` must be a non-empty list", "messages")
+        total = 0
+        for message in messages:
+            if not isinstance(message, dict):
+                raise FakeRequestError(400, "each message must be an object", "messages")
+            total += _content_words(message.get("content")) + 1
+        return total
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return count_words(prompt) + 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return sum(count_words(p) for p in prompt) + 1
+    raise FakeRequestError(400, "`prompt` must be a string or a non-empty list of strings", "prompt")
+
+
+def _requested_max_tokens(kind: Kind, body: dict[str, Any]) -> tuple[int | None, str]:
+    names = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise FakeRequestError(400, f"`{name}` must be a positive integer", name)
+        return value, name
+    return None, names[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionJob:
+    """A validated completion request: everything needed to answer it."""
+
+    kind: Kind
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    stream: bool
+    include_usage: bool
+    faults: Faults
+
+
+#: `--model '*'`: serve whatever model a request names, and answer as that model.
+ANY_MODEL = "*"
+
+
+def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, base: Faults) -> CompletionJob:
+    """Validate a parsed request body against the worker; raise :class:`FakeRequestError` on rejection."""
+    if not isinstance(body, dict):
+        raise FakeRequestError(400, "request body must be a JSON object")
+    faults = base.merged(parse_faults(body.get("fake")))
+    model = body.get("model")
+    if served_model == ANY_MODEL and isinstance(model, str) and model:
+        served_model = model  # one process standing in for several models (the side-by-side benchmark)
+    if model != served_model:
+        raise FakeRequestError(404, f"The model `{model}` does not exist.", "model")
+    prompt_tokens = prompt_tokens_of(kind, body)
+    max_tokens, param = _requested_max_tokens(kind, body)
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise FakeRequestError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            param,
+        )
+    if max_tokens is None and prompt_tokens >= max_model_len:
+        raise FakeRequestError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages.",
+            "messages" if kind == "chat" else "prompt",
+        )
+    completion_tokens = (
+        max_tokens if max_tokens is not None else min(DEFAULT_COMPLETION_TOKENS, max_model_len - prompt_tokens)
+    )
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return CompletionJob(kind, served_model, prompt_tokens, completion_tokens, stream, include_usage, faults)
+
+
+def _usage(job: CompletionJob) -> dict[str, int]:
+    return {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+        "total_tokens": job.prompt_tokens + job.completion_tokens,
+    }
+
+
+def new_id(kind: Kind) -> str:
+    """``chatcmpl-<hex>`` or ``cmpl-<hex>``."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(16)
+
+
+def full_response(job: CompletionJob) -> bytes:
+    """The non-streaming JSON answer."""
+    text = TOKEN_TEXT * job.completion_tokens
+    choice: dict[str, Any]
+    if job.kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+    payload: dict[str, Any] = {
+        "id": new_id(job.kind),
+        "object": "chat.completion" if job.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [choice],
+    }
+    if not job.faults.no_usage:
+        payload["usage"] = _usage(job)
+    return orjson.dumps(payload)
+
+
+def sse(payload: object) -> bytes:
+    """One server-sent event ``data: <json>\\n\\n``."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrames:
+    """Pre-encoded SSE frames of one streaming answer (token frames are identical, so built once)."""
+
+    head: bytes
+    token: bytes
+    tail: bytes
+
+
+def stream_frames(job: CompletionJob) -> StreamFrames:
+    """Build the frames of a streamed answer, shaped like vLLM's chunks."""
+    common: dict[str, Any] = {
+        "id": new_id(job.kind),
+        "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+    }
+
+    def chunk(choice_fields: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, **choice_fields, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = None
+        return sse({**common, "choices": [choice]})
+
+    if job.kind == "chat":
+        head = chunk({"delta": {"role": "assistant", "content": ""}})
+        token = chunk({"delta": {"content": TOKEN_TEXT}})
+        tail = chunk({"delta": {}}, "length")
+    else:
+        head = b""
+        token = chunk({"text": TOKEN_TEXT})
+        tail = chunk({"text": ""}, "length")
+    if job.include_usage and not job.faults.no_usage:
+        tail += sse({**common, "choices": [], "usage": _usage(job)})
+    return StreamFrames(head, token, tail + SSE_DONE)
