@@ -34,14 +34,16 @@ system-packages:
 	@bash deploy/scripts/system-packages.sh
 
 lint: venv-st
-	$(BIN)/ruff check server routers tests loadtest
+	$(BIN)/ruff check server routers testkit tests loadtest
 	$(BIN)/mypy
 
+# The fast tier: everything not marked slow (no real processes), in well under two minutes.
 unit: venv-st
-	$(BIN)/pytest -q tests/unit tests/api tests/fakes
+	$(BIN)/pytest -q -m "not slow" --durations=10
 
+# Everything, with the reason for every skip and the 20 slowest tests printed at the end.
 test: venv-st vllm system-packages lint
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=20
 
 # Routing over nine replayed models of the bundled table (no vLLM needed).
 demo: venv

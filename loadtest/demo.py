@@ -1,4 +1,4 @@
-"""`make demo`: the vLLM CPU worker behind the gateway, a handful of requests through the openai SDK,
+"""`make demo-vllm`: the vLLM CPU worker behind the gateway, a handful of requests through the openai SDK,
 and a table of what each cost in tokens, latency, time to first token and gateway overhead.
 
 Uses the embedded default config `deploy/configs/local.yaml` (its worker URL pointed at the port the

@@ -137,3 +137,11 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     proc = vllm_process(port, tmp_path_factory.mktemp("vllm") / "vllm.log")
     with proc:
         yield Upstream("gemma3-270m", f"http://127.0.0.1:{port}/v1", proc)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every integration test (real processes: Redis, Prometheus, vLLM, the gateway on a port) is `slow`, so
+    `make unit` (`-m "not slow"`) stays fast; slow tests elsewhere carry the marker themselves."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

@@ -70,18 +70,7 @@ class OnnxMiniLMEmbedder:
         self.tokenizer.enable_padding(pad_id=int(pad.get("pad_id", 0)), pad_token=str(pad.get("pad_token", "[PAD]")))
         self.tokenizer.enable_truncation(max_length)
 
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # One request at a time per session: inter-op parallelism only adds threads contending for 2 cores.
-        options.inter_op_num_threads = 1
-        # Every batch has a different shape, and onnxruntime's arena keeps the largest batch's memory for good
-        # (1.6 GiB resident after a table of real prompts, before batches were capped at max_batch_tokens). Without
-        # it memory goes back after a burst of long prompts; measured at the same speed (57.6 vs 57.9 prompts/s).
-        # Memory patterns only help fixed shapes.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        self.session = _session(self.model_path, threads)
 
         self._input_types = {i.name: _ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
         unknown = set(self._input_types) - {"input_ids", "attention_mask", "token_type_ids"}
@@ -149,6 +138,22 @@ class OnnxMiniLMEmbedder:
         summed = (hidden * weights).sum(axis=1)
         counts = np.maximum(weights.sum(axis=1), np.float32(1e-9))
         return np.asarray(summed / counts, dtype=np.float32)
+
+
+def _session(model_path: Path, threads: int | None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for the model, set up for one request at a time and batches of any shape."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    # One request at a time per session: inter-op parallelism only adds threads contending for 2 cores.
+    options.inter_op_num_threads = 1
+    # Every batch has a different shape, and onnxruntime's arena keeps the largest batch's memory for good
+    # (1.6 GiB resident after a table of real prompts, before batches were capped at max_batch_tokens). Without
+    # it memory goes back after a burst of long prompts; measured at the same speed (57.6 vs 57.9 prompts/s).
+    # Memory patterns only help fixed shapes.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
 def plan_batches(

@@ -23,8 +23,9 @@ from server.store.base import StoreUnavailable
 log = logging.getLogger("turnout.admin")
 
 
-def _admin_key_problem(request: Request, gw: GatewayState) -> GatewayError | None:
-    env = gw.config.server.admin_key_env
+def _admin_key_problem(request: Request, env: str) -> GatewayError | None:
+    """Why `request` may not use the admin endpoints (None: it may): the admin key is the value of the
+    environment variable `env`."""
     expected = os.environ.get(env)
     if not expected:
         return GatewayError(403, f"Admin endpoints are disabled: set {env} in the gateway's environment.",
@@ -56,7 +57,7 @@ async def reload_and_log(gw: GatewayState, trigger: str) -> None:
 async def handle_reload(request: Request, gw: GatewayState) -> Response:
     """`POST /admin/reload`: re-read the config file and swap it in atomically; 400 listing every problem
     (the running config keeps serving) when it is invalid."""
-    problem = _admin_key_problem(request, gw)
+    problem = _admin_key_problem(request, gw.config.server.admin_key_env)
     if problem is not None:
         return error_response(problem)
     try:
@@ -84,7 +85,7 @@ async def handle_keys(request: Request, gw: GatewayState, name: str | None = Non
     """`GET /admin/keys` (every key's rules, never a key or its hash), `POST /admin/keys` (a new stored key:
     its rules in the body; the key is in the answer, once), `DELETE /admin/keys/{name}` (revoke a stored key).
     Admin key required; the store must be reachable."""
-    problem = _admin_key_problem(request, gw)
+    problem = _admin_key_problem(request, gw.config.server.admin_key_env)
     if problem is not None:
         return error_response(problem)
     try:

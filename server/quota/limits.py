@@ -100,7 +100,7 @@ class Limits:
     """Checks and charges per-key limits on the shared store (through `guard`: fail open or closed)."""
 
     def __init__(self, guard: StoreGuard, limited: Counter) -> None:
-        """`limited`: `turnout_rate_limited_total{key, limit}`, counted at every refusal."""
+        """`limited`: `turnout_limited_requests_total{key, limit}`, counted at every refusal."""
         self.guard, self.limited = guard, limited
 
     async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:

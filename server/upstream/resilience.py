@@ -58,7 +58,7 @@ class EffectiveTimeouts:
 
 
 class BreakerState(enum.Enum):
-    """A circuit breaker's state; the value is what `turnout_breaker_state` reports."""
+    """A circuit breaker's state; the value is what `turnout_worker_breaker_state` reports."""
 
     CLOSED = 0
     HALF_OPEN = 1

@@ -123,9 +123,9 @@ def test_replica_prices_compare_with_defaults_filled_in() -> None:
     assert len(cfg.workers) == 3
 
 
-def test_readme_config_snippet_is_valid() -> None:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Config"):]
+def test_the_documented_config_is_valid() -> None:
+    text = (REPO / "docs" / "configuration.md").read_text()
+    section = text[text.index("## The whole file"):]
     snippet = section[section.index("```yaml") + len("```yaml"):]
     snippet = snippet[:snippet.index("```")]
     cfg = parse_config(yaml.safe_load(snippet))
