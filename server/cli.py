@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from server.app import CONFIG_ENV, create_app
-from server.config import ConfigError, KeyConfig
+from server.config import ConfigError, KeyConfig, load_config
 from server.quota.keystore import add_key, list_keys, revoke_key
 from server.snapshot import check_config_file
 from server.store.base import StoreUnavailable
@@ -92,8 +92,8 @@ def serve(
 
 
 def _need_training_stack() -> None:
-    """`train` and `eval` need the `turnout[train]` extra, which a gateway install (its image) leaves out: say so
-    instead of failing with an import traceback."""
+    """`train`, `eval` and `collect` need the `turnout[train]` extra, which a gateway install (its image) leaves
+    out: say so instead of failing with an import traceback."""
     missing = [m for m in ("sklearn", "pandas", "pyarrow", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         hint = escape("pip install 'turnout[train]'")
@@ -147,6 +147,74 @@ def eval_cmd(
                  json_out, plot, online, Console(width=None if Console().is_terminal else 150))
     except (TableError, ValueError) as exc:
         err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command("collect")
+def collect_cmd(
+    config: Annotated[Path, typer.Option(help="The gateway's YAML config: its workers are the fleet")],
+    prompts: Annotated[str, typer.Option(help="A .jsonl/.csv/.parquet file, log:REQUEST_LOG or bundled:llmrouter")],
+    out: Annotated[Path, typer.Option(help="Run directory (a rerun resumes it)")],
+    models: Annotated[str | None, typer.Option(help="Models or workers, comma-separated (default: all)")] = None,
+    sample: Annotated[int | None, typer.Option(help="Collect on this many prompts, chosen at random")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample")] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Most answer tokens per call")] = 256,
+    max_cost_usd: Annotated[float | None, typer.Option(help="Spend at most this much (the run's total)")] = None,
+    concurrency: Annotated[int, typer.Option(help="Calls in flight at once")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of every call")] = 0.0,
+    partial: Annotated[bool, typer.Option(help="With a cap below the estimate, collect what it buys")] = False,
+) -> None:
+    """Send every prompt to every chosen model of the config and record the answers, resumably."""
+    _need_training_stack()
+    from server.fleet.collect import CollectError
+    from server.fleet.commands import CollectOptions, collect, summary
+    from server.fleet.run import RunDir
+    from server.fleet.sources import SourceError
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _print_problems(config, exc)
+        raise typer.Exit(1) from None
+    opts = CollectOptions(prompts, out, [m.strip() for m in models.split(",") if m.strip()] if models else None,
+                          sample, seed, max_tokens, max_cost_usd, max(1, concurrency), temperature, partial)
+    console = Console(width=None if Console().is_terminal else 150)
+    try:
+        tally = asyncio.run(collect(cfg, opts, console))
+    except (CollectError, SourceError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(summary(RunDir(out)))
+    if tally.stopped_by_cap:
+        console.print(f"stopped at --max-cost-usd {max_cost_usd}: the next call might have passed it")
+    if tally.interrupted:
+        console.print("interrupted: rerun the same command to collect the rest")
+        raise typer.Exit(130)
+
+
+@app.command("grade")
+def grade_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of `turnout collect`")],
+    grader: Annotated[str, typer.Option(help="auto (each prompt's own), a grader name, regex:PATTERN, or judge")]
+    = "auto",
+    allow_code: Annotated[bool, typer.Option(help="Run model-written code against the tests (see the docs' risk)")]
+    = False,
+    config: Annotated[Path | None, typer.Option(help="The config whose model judges (with --grader judge)")] = None,
+    judge: Annotated[str | None, typer.Option(help="The model that judges (with --grader judge)")] = None,
+    pairwise_against: Annotated[str | None, typer.Option(help="Judge each answer against this model's")] = None,
+    rubric: Annotated[Path | None, typer.Option(help="The judge's rubric prompt (a text file)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Table to write (default RUN_DIR/table.parquet)")] = None,
+) -> None:
+    """Score a run's answers into a routing table that `turnout train` and `turnout eval` read."""
+    _need_training_stack()
+    from server.fleet.commands import GradeOptions, run_grade
+
+    opts = GradeOptions(run_dir, grader, allow_code, config, judge, pairwise_against, rubric, out)
+    console = Console(width=None if Console().is_terminal else 150)
+    try:
+        asyncio.run(run_grade(opts, console))
+    except (ConfigError, ValueError, OSError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -13,7 +13,8 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
 Faults are injected per request with an extra body field ``"fake": {...}`` or worker-wide with
 ``POST /fake/mode`` (same keys; the body replaces the current mode, ``{}`` resets it). Keys:
 ``status`` (int), ``ttft_ms``, ``itl_ms``, ``latency_ms`` (float overrides), ``drop_after`` (int),
-``no_usage`` (bool), ``hang`` (bool). Request keys override mode keys, which override the CLI.
+``no_usage`` (bool), ``hang`` (bool), ``reply`` (the answer's whole text, str). Request keys override mode
+keys, which override the CLI.
 ``--model "*"`` answers as whatever model a request names (one process standing in for several).
 ``latency_ms`` only delays non-streaming answers (and injected ``status`` errors); streams get
 their headers at once, then ``ttft_ms`` before the first token and ``itl_ms`` between tokens.

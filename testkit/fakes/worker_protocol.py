@@ -21,7 +21,10 @@ TOKEN_TEXT = "tok "
 FLOAT_FAULT_KEYS = ("ttft_ms", "itl_ms", "latency_ms")
 INT_FAULT_KEYS = ("status", "drop_after")
 BOOL_FAULT_KEYS = ("no_usage", "hang")
-FAULT_KEYS = frozenset(FLOAT_FAULT_KEYS + INT_FAULT_KEYS + BOOL_FAULT_KEYS)
+# ``reply``: the answer's whole text (instead of "tok " per token; usage still counts max_tokens), so tests can
+# script what a worker says (a judge's verdict, a multiple-choice letter).
+STR_FAULT_KEYS = ("reply",)
+FAULT_KEYS = frozenset(FLOAT_FAULT_KEYS + INT_FAULT_KEYS + BOOL_FAULT_KEYS + STR_FAULT_KEYS)
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -76,6 +79,7 @@ class Faults:
     drop_after: int | None = None
     no_usage: bool = False
     hang: bool = False
+    reply: str | None = None
 
     def merged(self, overrides: dict[str, Any]) -> Faults:
         """A copy with the given (already validated) fault keys replaced."""
@@ -95,7 +99,11 @@ def parse_faults(raw: object, where: str = "fake") -> dict[str, Any]:
         raise FakeRequestError(400, f"unknown `{where}` keys {unknown}; allowed: {sorted(FAULT_KEYS)}", where)
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in BOOL_FAULT_KEYS:
+        if key in STR_FAULT_KEYS:
+            if value is not None and not isinstance(value, str):
+                raise FakeRequestError(400, f"`{where}.{key}` must be a string", where)
+            out[key] = value
+        elif key in BOOL_FAULT_KEYS:
             if not isinstance(value, bool):
                 raise FakeRequestError(400, f"`{where}.{key}` must be a boolean", where)
             out[key] = value
@@ -230,7 +238,7 @@ def new_id(kind: Kind) -> str:
 
 def full_response(job: CompletionJob) -> bytes:
     """The non-streaming JSON answer."""
-    text = TOKEN_TEXT * job.completion_tokens
+    text = job.faults.reply if job.faults.reply is not None else TOKEN_TEXT * job.completion_tokens
     choice: dict[str, Any]
     if job.kind == "chat":
         choice = {
@@ -286,13 +294,15 @@ def stream_frames(job: CompletionJob) -> StreamFrames:
             choice["stop_reason"] = None
         return sse({**common, "choices": [choice]})
 
+    reply = job.faults.reply
+    piece = TOKEN_TEXT if reply is None else ""  # a scripted reply comes whole in the first frame
     if job.kind == "chat":
-        head = chunk({"delta": {"role": "assistant", "content": ""}})
-        token = chunk({"delta": {"content": TOKEN_TEXT}})
+        head = chunk({"delta": {"role": "assistant", "content": reply or ""}})
+        token = chunk({"delta": {"content": piece}})
         tail = chunk({"delta": {}}, "length")
     else:
-        head = b""
-        token = chunk({"text": TOKEN_TEXT})
+        head = b"" if reply is None else chunk({"text": reply})
+        token = chunk({"text": piece})
         tail = chunk({"text": ""}, "length")
     if job.include_usage and not job.faults.no_usage:
         tail += sse({**common, "choices": [], "usage": _usage(job)})

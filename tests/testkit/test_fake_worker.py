@@ -221,6 +221,21 @@ def test_injected_status(client: openai.OpenAI, ctl: httpx.Client) -> None:
     assert [body["fake"] for body in current["bodies"]] == [{"status": 500}, {"status": 429}]
 
 
+def test_a_scripted_reply_is_the_whole_answer(client: openai.OpenAI, ctl: httpx.Client) -> None:
+    """``reply`` replaces the text, streamed or not; usage still counts the tokens asked for."""
+    msgs: Any = [{"role": "user", "content": "grade it"}]
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                           extra_body={"fake": {"reply": "Rating: 8"}})
+    assert whole.choices[0].message.content == "Rating: 8"
+    assert whole.usage is not None and whole.usage.completion_tokens == 4
+    ctl.post("/fake/mode", json={"reply": "The answer is (B)"}).raise_for_status()
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "The answer is (B)"
+    text = client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert text.choices[0].text == "The answer is (B)"
+    assert ctl.post("/fake/mode", json={"reply": 3}).status_code == 400
+
+
 def test_drop_after_breaks_the_stream(client: openai.OpenAI, ctl: httpx.Client) -> None:
     """``drop_after`` cuts the stream (and non-streaming answers) abruptly."""
     received: list[str] = []

@@ -26,7 +26,7 @@ SERVER_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"upstream"}),
     frozenset({"policy"}),
     frozenset({"quota"}),
-    frozenset({"snapshot"}),
+    frozenset({"snapshot", "fleet"}),
     frozenset({"gateway"}),
     frozenset({"api"}),
     frozenset({"app"}),

@@ -1,0 +1,8 @@
+"""Routing for the user's own fleet: collect answers from its workers on the user's prompts (or the bundled
+suite), grade them into a routing table that `turnout train` and `turnout eval` read.
+
+Holds the prompt sources (`sources`), the run directory (`run`), one call through the gateway's own upstream
+stack (`caller`), the collection engine (`collect`) and the commands (`commands`). May import `upstream`,
+`quota` (the prompt-token bound), `telemetry`, `config`, `errors`, `outcome` and `routers`; never `snapshot`,
+`gateway`, `api` or `app`.
+"""
