@@ -218,6 +218,31 @@ def grade_cmd(
         raise typer.Exit(1) from None
 
 
+@app.command("replay")
+def replay_cmd(
+    config: Annotated[Path, typer.Option(help="A config holding the candidate policy (its artifact)")],
+    policy: Annotated[str, typer.Option(help="The candidate policy's name in that config")],
+    log: Annotated[Path, typer.Option(help="The gateway's request log (server.log_prompts on)")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")] = None,
+) -> None:
+    """What a candidate policy would have decided on logged traffic, against what was served (no model calls)."""
+    from routers.embedding.cache import model_cache_dir
+    from routers.embedding.factory import make_embedder
+    from server.fleet.commands import replay_table
+    from server.fleet.replay import replay
+    from server.fleet.sources import SourceError
+
+    try:
+        cfg = load_config(config)
+        report = replay(cfg, config, policy, log, make_embedder(cfg.embedder.spec(), model_cache_dir()))
+    except (ConfigError, SourceError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    Console(width=None if Console().is_terminal else 150).print(replay_table(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+
+
 keys_app = typer.Typer(help="Client keys kept in Redis (state.backend: redis). With the memory store, use the "
                              "gateway's /admin/keys endpoints instead.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -19,6 +19,7 @@ from server.fleet.caller import FleetCaller
 from server.fleet.collect import CollectError, Collector, Job, Tally, check_cap, check_models, plan
 from server.fleet.grade import AUTO, JUDGE, GradeReport, grade
 from server.fleet.judge import Judge
+from server.fleet.replay import ReplayReport
 from server.fleet.run import Answer, RunDir
 from server.fleet.sources import PromptItem, read_source
 
@@ -185,4 +186,24 @@ def grade_table(report: GradeReport) -> Table:
              f"{report.code_not_run} code answers not run (pass --allow-code)",
              f"{report.unreadable} unreadable judge verdicts", f"judge cost ${report.judge_cost_usd:.6f}"]
     table.caption = "; ".join(notes) + " (all unknown, never 0)"
+    return table
+
+
+def replay_table(report: ReplayReport) -> Table:
+    """The replay report: the two routing mixes, then predicted quality and cost side by side."""
+    data = report.as_json()
+    table = Table("", "served", f"candidate {report.policy}",
+                  title=f"{report.requests} logged requests replayed ({report.skipped} without a prompt or answer)")
+    for model in sorted(set(report.served_mix) | set(report.candidate_mix)):
+        table.add_row(model, str(report.served_mix[model]), str(report.candidate_mix[model]))
+
+    def num(v: object, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    table.add_row("predicted quality", num(data["predicted_quality_served"], ".3f"),
+                  num(data["predicted_quality_candidate"], ".3f"))
+    table.add_row("cost USD (served: real; candidate: predicted)", f"{report.served_cost_usd:.6f}",
+                  f"{report.candidate_cost_usd:.6f}")
+    table.caption = (f"agreement {num(data['agreement'], '.1%')}; {report.not_a_candidate} requests were served by "
+                     "a model the candidate cannot choose")
     return table

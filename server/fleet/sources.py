@@ -62,7 +62,7 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _item(row: dict[str, Any], where: str, problems: list[str]) -> PromptItem | None:
+def item_from_record(row: dict[str, Any], where: str, problems: list[str]) -> PromptItem | None:
     """A prompt from one record with `prompt` (text) or `messages` (chat), and the optional fields."""
     messages: Any = row.get("messages")
     if isinstance(messages, str) and messages.strip().startswith("["):
@@ -111,7 +111,7 @@ def read_file(path: Path) -> list[PromptItem]:
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     problems: list[str] = []
-    items = [item for where, row in _records(path) if (item := _item(row, where, problems)) is not None]
+    items = [item for where, row in _records(path) if (item := item_from_record(row, where, problems)) is not None]
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise SourceError("; ".join(problems[:20]) + more)
@@ -141,7 +141,7 @@ def read_request_log(path: Path) -> list[PromptItem]:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] if isinstance(
             prompt, str) else None
         if messages:
-            item = _item({"messages": messages}, "log", [])
+            item = item_from_record({"messages": messages}, "log", [])
             if item is not None:
                 items.setdefault(item.prompt_id, item)
     if not items:
