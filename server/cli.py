@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 
 import typer
 import uvicorn
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -241,6 +242,39 @@ def replay_cmd(
     Console(width=None if Console().is_terminal else 150).print(replay_table(report))
     if json_out is not None:
         json_out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+
+
+@app.command("promote")
+def promote_cmd(
+    config: Annotated[Path, typer.Option(help="The running gateway's config file")],
+    artifact: Annotated[Path, typer.Option(help="A directory written by `turnout train`")],
+    name: Annotated[str, typer.Option(help="The new policy's name")],
+    lambda_: Annotated[float | None, typer.Option("--lambda", help="Quality-cost trade-off (knn, cost_aware)")]
+    = None,
+    map_: Annotated[list[str] | None, typer.Option("--map", help="ARTIFACT_MODEL=WORKER_OR_MODEL (repeat)")] = None,
+    shadow_of: Annotated[str | None, typer.Option(help="Run it as this live policy's decision-only shadow")] = None,
+    default: Annotated[bool, typer.Option(help="Make it the default policy")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the new config here (else print the policy block)")]
+    = None,
+) -> None:
+    """A trained policy's config block, or a checked copy of the config that shadows or serves it."""
+    from server.fleet.promote import policy_block, promoted_config
+
+    overrides = dict(m.split("=", 1) for m in map_ or [] if "=" in m)
+    try:
+        block = policy_block(load_config(config), artifact.resolve(), name, overrides, lambda_)
+        if out is None:
+            print(yaml.safe_dump({"policies": {name: block}}, sort_keys=False), end="")
+            return
+        out.write_text(promoted_config(config, block, name, shadow_of=shadow_of, make_default=default))
+    except ConfigError as exc:
+        _print_problems(config, exc)
+        raise typer.Exit(1) from None
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    print(f"wrote {out}: policy {name}" + (f" as the shadow of {shadow_of}" if shadow_of else "")
+          + (", the default policy" if default else "") + "; swap it in and reload (POST /admin/reload or SIGHUP)")
 
 
 keys_app = typer.Typer(help="Client keys kept in Redis (state.backend: redis). With the memory store, use the "

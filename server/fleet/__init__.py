@@ -2,7 +2,8 @@
 suite), grade them into a routing table that `turnout train` and `turnout eval` read.
 
 Holds the prompt sources (`sources`), the run directory (`run`), one call through the gateway's own upstream
-stack (`caller`), the collection engine (`collect`) and the commands (`commands`). May import `upstream`,
-`quota` (the prompt-token bound), `telemetry`, `config`, `errors`, `outcome` and `routers`; never `snapshot`,
-`gateway`, `api` or `app`.
+stack (`caller`), the collection engine (`collect`), grading (`grade`, `judge`), replay on logged traffic
+(`replay`), promotion into a config (`promote`) and the commands (`commands`). May import `snapshot` (to check a
+config), `policy`, `quota` (the prompt-token bound), `upstream`, `telemetry`, `config`, `errors`, `outcome` and
+`routers`; never `gateway`, `api` or `app`.
 """
