@@ -164,6 +164,7 @@ def collect_cmd(
     concurrency: Annotated[int, typer.Option(help="Calls in flight at once")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of every call")] = 0.0,
     partial: Annotated[bool, typer.Option(help="With a cap below the estimate, collect what it buys")] = False,
+    tasks: Annotated[str | None, typer.Option(help="Only prompts of these tasks, comma-separated")] = None,
 ) -> None:
     """Send every prompt to every chosen model of the config and record the answers, resumably."""
     _need_training_stack()
@@ -178,7 +179,8 @@ def collect_cmd(
         _print_problems(config, exc)
         raise typer.Exit(1) from None
     opts = CollectOptions(prompts, out, [m.strip() for m in models.split(",") if m.strip()] if models else None,
-                          sample, seed, max_tokens, max_cost_usd, max(1, concurrency), temperature, partial)
+                          sample, seed, max_tokens, max_cost_usd, max(1, concurrency), temperature, partial,
+                          [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)
     console = Console(width=None if Console().is_terminal else 150)
     try:
         tally = asyncio.run(collect(cfg, opts, console))
@@ -204,13 +206,18 @@ def grade_cmd(
     judge: Annotated[str | None, typer.Option(help="The model that judges (with --grader judge)")] = None,
     pairwise_against: Annotated[str | None, typer.Option(help="Judge each answer against this model's")] = None,
     rubric: Annotated[Path | None, typer.Option(help="The judge's rubric prompt (a text file)")] = None,
+    retries: Annotated[int, typer.Option(help="Ask the judge again this many times when its verdict is unreadable")]
+    = 2,
     out: Annotated[Path | None, typer.Option(help="Table to write (default RUN_DIR/table.parquet)")] = None,
+    keep_split: Annotated[bool, typer.Option(help="Keep the source's train/test split (else train and eval split "
+                                                  "the table themselves)")] = True,
 ) -> None:
     """Score a run's answers into a routing table that `turnout train` and `turnout eval` read."""
     _need_training_stack()
     from server.fleet.commands import GradeOptions, run_grade
 
-    opts = GradeOptions(run_dir, grader, allow_code, config, judge, pairwise_against, rubric, out)
+    opts = GradeOptions(run_dir, grader, allow_code, config, judge, pairwise_against, rubric, out, keep_split,
+                        max(0, retries))
     console = Console(width=None if Console().is_terminal else 150)
     try:
         asyncio.run(run_grade(opts, console))
@@ -242,6 +249,25 @@ def replay_cmd(
     Console(width=None if Console().is_terminal else 150).print(replay_table(report))
     if json_out is not None:
         json_out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+
+
+@app.command("feedback-table")
+def feedback_table_cmd(
+    log: Annotated[Path, typer.Option(help="The gateway's request log (server.log_prompts on)")],
+    out: Annotated[Path, typer.Option(help="Routing table to write (parquet)")],
+) -> None:
+    """A routing table from served requests joined to the scores clients sent through /v1/feedback."""
+    _need_training_stack()
+    from server.fleet.feedback_table import feedback_table
+    from server.fleet.sources import SourceError
+
+    try:
+        report = feedback_table(log, out)
+    except (SourceError, OSError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    print(f"wrote {out}: {report.rows} scored requests {report.per_model}; {report.unmatched} feedback lines had "
+          "no logged request with a prompt")
 
 
 @app.command("promote")

@@ -46,5 +46,6 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     gw.metrics.feedback.labels(policy or "", result).inc()
     if result == "duplicate":
         return json_response({"status": "ignored", "reason": "feedback for this request was already given",
-                      "request_id": fb.request_id, "policy": policy})
+                              "request_id": fb.request_id, "policy": policy})
+    gw.recorder.log_feedback(fb.request_id, fb.score, policy)
     return json_response({"status": "accepted", "request_id": fb.request_id, "policy": policy})

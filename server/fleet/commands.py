@@ -38,19 +38,20 @@ class CollectOptions:
     concurrency: int = 4
     temperature: float = 0.0
     partial: bool = False  # a cap below the estimate: collect what it buys instead of refusing
+    tasks: list[str] | None = None  # keep only the source's prompts of these tasks (before sampling)
 
 
 def _settings(opts: CollectOptions) -> dict[str, object]:
     """What a rerun must agree with (the models may grow; the cap and concurrency may change)."""
     return {"source": opts.source, "sample": opts.sample, "seed": opts.seed, "max_tokens": opts.max_tokens,
-            "temperature": opts.temperature}
+            "temperature": opts.temperature, "tasks": opts.tasks}
 
 
 def _prompts(run: RunDir, opts: CollectOptions) -> list[PromptItem]:
     """The run's prompts: those it was started with (`CollectError` when a rerun asks for another run), or
     the source's for a new run."""
     if not run.exists():
-        return read_source(opts.source, sample=opts.sample, seed=opts.seed)
+        return read_source(opts.source, sample=opts.sample, seed=opts.seed, tasks=opts.tasks)
     before = run.settings()
     changed = {k: (before.get(k), v) for k, v in _settings(opts).items() if before.get(k) != v}
     if changed:
@@ -149,6 +150,8 @@ class GradeOptions:
     pairwise_against: str | None = None
     rubric: Path | None = None
     out: Path | None = None
+    keep_split: bool = True
+    retries: int = 2  # the judge's, for unreadable verdicts
 
 
 async def run_grade(opts: GradeOptions, console: Console) -> GradeReport:
@@ -164,10 +167,11 @@ async def run_grade(opts: GradeOptions, console: Console) -> GradeReport:
         caller = FleetCaller(load_config(opts.config))
         check_models([opts.judge], caller.targets())
         judge = Judge(caller, opts.judge, "pairwise" if opts.pairwise_against else "score",
-                      opts.rubric.read_text(encoding="utf-8") if opts.rubric else None)
+                      opts.rubric.read_text(encoding="utf-8") if opts.rubric else None, opts.retries)
     try:
         report = await grade(run, opts.grader, table=opts.out, allow_code=opts.allow_code, judge=judge,
-                             reference_model=opts.pairwise_against, on_progress=console.print)
+                             reference_model=opts.pairwise_against, keep_split=opts.keep_split,
+                             on_progress=console.print)
     finally:
         if caller is not None:
             await caller.aclose()

@@ -102,7 +102,7 @@ async def judge_scores(prompts: list[PromptItem], answers: dict[Key, Answer], ju
 
 
 def write_table(prompts: list[PromptItem], answers: dict[Key, Answer], scores: dict[Key, float],
-                report: GradeReport) -> None:
+                report: GradeReport, keep_split: bool = True) -> None:
     """The routing table: one row per prompt, a score, cost and logprob column per model."""
     import pandas as pd  # the training stack: grading is an offline command
 
@@ -119,7 +119,7 @@ def write_table(prompts: list[PromptItem], answers: dict[Key, Answer], scores: d
             row[f"logprob_min__{m}"] = a.logprob_min if a is not None and a.logprob_min is not None else math.nan
         rows.append(row)
     df = pd.DataFrame(rows)
-    if not (df["split"] != "").all():
+    if not keep_split or not (df["split"] != "").all():
         df = df.drop(columns="split")  # no split for every prompt: `train` and `eval` split themselves (seeded)
     report.table.parent.mkdir(parents=True, exist_ok=True)
     tmp = report.table.with_name(report.table.name + ".tmp")
@@ -132,9 +132,11 @@ def write_table(prompts: list[PromptItem], answers: dict[Key, Answer], scores: d
 
 
 async def grade(run: RunDir, grader: str, *, table: Path | None = None, allow_code: bool = False,
-                judge: Judge | None = None, reference_model: str | None = None,
+                judge: Judge | None = None, reference_model: str | None = None, keep_split: bool = True,
                 on_progress: Callable[[str], None] = lambda _: None) -> GradeReport:
-    """Grade `run` (see the module docstring) and write its table (default `RUN_DIR/table.parquet`)."""
+    """Grade `run` (see the module docstring) and write its table (default `RUN_DIR/table.parquet`). With
+    `keep_split` False the source's split is left out, so training and evaluation split the table themselves (a
+    small sample of the bundled suite holds few of its test prompts)."""
     prompts, answers = run.prompts(), run.latest()
     report = GradeReport(table or run.path / "table.parquet", models_of(answers), len(prompts))
     if not report.models:
@@ -151,7 +153,7 @@ async def grade(run: RunDir, grader: str, *, table: Path | None = None, allow_co
                                     reference_model, report)
     else:
         scores = reference_scores(prompts, answers, grader, allow_code, report)
-    write_table(prompts, answers, scores, report)
+    write_table(prompts, answers, scores, report, keep_split)
     return report
 
 

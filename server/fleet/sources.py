@@ -161,15 +161,23 @@ def read_bundled(table: Path = BUNDLED_TABLE) -> list[PromptItem]:
             for r in df.itertuples(index=False)]
 
 
-def read_source(spec: str, *, sample: int | None = None, seed: int = 0) -> list[PromptItem]:
-    """The prompts of `spec` (`bundled:llmrouter`, `log:PATH` or a file path), at most `sample` of them chosen
-    at random with `seed` (kept in the source's order), duplicates by id dropped."""
+def read_source(spec: str, *, sample: int | None = None, seed: int = 0,
+                tasks: list[str] | None = None) -> list[PromptItem]:
+    """The prompts of `spec` (`bundled:llmrouter`, `log:PATH` or a file path), only those of `tasks` when given,
+    at most `sample` of them chosen at random with `seed` (kept in the source's order), duplicates by id
+    dropped."""
     if spec == BUNDLED:
         items = read_bundled()
     elif spec.startswith(LOG_PREFIX):
         items = read_request_log(Path(spec[len(LOG_PREFIX):]))
     else:
         items = read_file(Path(spec))
+    if tasks is not None:
+        known = {item.task for item in items}
+        unknown = sorted(set(tasks) - known)
+        if unknown:
+            raise SourceError(f"{spec}: no prompts of tasks {unknown} (its tasks: {sorted(str(t) for t in known)})")
+        items = [item for item in items if item.task in tasks]
     unique = list({item.prompt_id: item for item in items}.values())
     if sample is not None and sample < len(unique):
         keep = sorted(random.Random(seed).sample(range(len(unique)), sample))

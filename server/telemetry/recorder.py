@@ -47,6 +47,13 @@ class Recorder:
                 **_text_log(ex),
             }).decode())
 
+    @staticmethod
+    def log_feedback(request_id: str, score: float, policy: str | None) -> None:
+        """Write an accepted feedback score to the request log, beside its request's line, so a routing table
+        can be built from served traffic (`turnout feedback-table`)."""
+        if request_log.isEnabledFor(logging.INFO):
+            request_log.info(orjson.dumps({"feedback_for": request_id, "score": score, "policy": policy}).decode())
+
     def _observe(self, ex: Exchange, now: float) -> None:
         m = self.metrics
         model = ex.model or ""
