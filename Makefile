@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.turnout-installed
 ST_STAMP := $(VENV)/.turnout-st-installed
 
-.PHONY: demo demo-vllm test lint unit venv venv-st vllm system-packages bench bench-sidebyside clean
+.PHONY: demo demo-vllm demo-fleet test lint unit venv venv-st vllm system-packages bench bench-sidebyside clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo: venv
 # A few requests through the gateway to the real vLLM CPU worker.
 demo-vllm: venv vllm
 	$(BIN)/python -m loadtest.demo
+
+# Routing trained on a fleet of two real vLLM CPU models: collect, grade, train, eval, serve (about 10 minutes).
+demo-fleet: venv vllm
+	$(BIN)/python -m loadtest.fleet_demo
 
 bench: venv
 	$(BIN)/python -m loadtest.overhead --requests 1000

@@ -33,18 +33,27 @@ def has_avx2() -> bool:
         return False
 
 
-def vllm_ready() -> bool:
-    """True when `deploy/vllm-cpu/setup.sh` has built the worker's virtualenv and model."""
+#: The models `deploy/vllm-cpu/setup.sh` builds; `start.sh` serves the one TURNOUT_VLLM_MODEL names.
+VLLM_MODELS = ("gemma3-270m", "smollm2-135m")
+
+
+def vllm_ready(model: str = "gemma3-270m") -> bool:
+    """True when `deploy/vllm-cpu/setup.sh` has built the worker's virtualenv and `model` (one of VLLM_MODELS)."""
     return ((VLLM_CACHE / "vllm-venv" / "bin" / "python").exists()
-            and (VLLM_CACHE / "models" / "gemma3-270m" / ".turnout-ready").exists())
+            and (VLLM_CACHE / "models" / model / ".turnout-ready").exists())
 
 
-def vllm_process(port: int, log_path: Path, name: str = "gemma3-270m", cores: str = "",
-                 args: tuple[str, ...] = ()) -> ManagedProcess:
-    """A vLLM CPU server on loopback (not yet started); ready takes about a minute. `name`: one served model
-    name or several, comma-separated; `args`: more vLLM server arguments."""
-    cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name, cores, *args]
-    return ManagedProcess(cmd, ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, timeout_s=400)
+def vllm_process(port: int, log_path: Path, name: str | None = None, cores: str = "",
+                 args: tuple[str, ...] = (), model: str = "gemma3-270m") -> ManagedProcess:
+    """A vLLM CPU server on loopback (not yet started); ready takes about a minute. `model`: which built model
+    to serve (one of VLLM_MODELS: gemma3-270m, Gemma 3 270M base, or smollm2-135m, SmolLM2-135M-Instruct);
+    `name`: the served model name or several, comma-separated (default: the model's own); `args`: more vLLM
+    server arguments."""
+    if model not in VLLM_MODELS:
+        raise ValueError(f"unknown vLLM model {model!r}; known: {', '.join(VLLM_MODELS)}")
+    cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name or model, cores, *args]
+    return ManagedProcess(cmd, ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, timeout_s=400,
+                          env={"TURNOUT_VLLM_MODEL": model})
 
 
 def fake_process(port: int, model: str, log_path: Path | None = None, *args: str) -> ManagedProcess:

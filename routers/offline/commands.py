@@ -106,7 +106,7 @@ def _suffixed(path: Path, group: str, kind: str, n_groups: int) -> Path:
 
 def _plot_group(path: Path, name: str, res: dict[str, Any]) -> None:
     routers = res["routers"]
-    if len(res["models"]) == 2 and all("pgr_curve" in r for r in routers.values()):
+    if len(res["models"]) == 2 and all(r.get("pgr_curve") is not None for r in routers.values()):
         curves = {k: (np.array(r["pgr_curve"])[:, 0], np.array(r["pgr_curve"])[:, 1]) for k, r in routers.items()}
         plot_pgr(path, curves, f"{name}: performance gap recovered vs strong-model calls")
         return

@@ -135,6 +135,9 @@ def _two_model(models: list[str], strong: int, q: F64, scores: F64) -> dict[str,
     weak = 1 - strong
     gain = q[:, strong] - q[:, weak]
     qs, qw = np.nan_to_num(scores[:, strong]), np.nan_to_num(scores[:, weak])
+    if qs.mean() == qw.mean():  # no gap to recover: PGR is undefined, which is a finding, not a failure
+        return {"strong": models[strong], "weak": models[weak], "apgr": None, "cpt50": None, "cpt80": None,
+                "pgr_curve": None, "note": "PGR undefined: both models have the same mean quality on these rows"}
     shares, pgr = pgr_curve(gain, qs, qw)
     return {"strong": models[strong], "weak": models[weak], "apgr": apgr(gain, qs, qw),
             "cpt50": cpt(0.5, gain, qs, qw), "cpt80": cpt(0.8, gain, qs, qw),

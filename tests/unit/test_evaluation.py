@@ -168,3 +168,14 @@ def test_plots_are_written(tmp_path: Path) -> None:
     for name in ("c.png", "p.png"):
         raw = (tmp_path / name).read_bytes()
         assert raw.startswith(b"\x89PNG") and len(raw) > 1000
+
+
+def test_two_models_of_equal_mean_quality_have_no_pgr_but_a_report() -> None:
+    """A fleet whose two models score the same on the table (small models on hard questions) is a finding:
+    eval reports PGR as undefined instead of failing."""
+    from routers.offline.report import _two_model
+
+    q = np.array([[0.2, 0.4], [0.6, 0.1], [0.5, 0.5]])
+    scores = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    out = _two_model(["a", "b"], 0, q, scores)
+    assert out["apgr"] is None and out["pgr_curve"] is None and "undefined" in out["note"]
