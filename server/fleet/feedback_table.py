@@ -6,12 +6,12 @@ columns are unknown (NaN), as the table format allows, since nobody asked them.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.fleet.replay import Served, read_served
+from server.fleet.request_log import log_records
 from server.fleet.sources import SourceError
 
 
@@ -27,13 +27,7 @@ class FeedbackTable:
 def read_feedback(path: Path) -> dict[str, float]:
     """Request id -> the score its feedback gave (the first one: a repeat is ignored by the gateway too)."""
     scores: dict[str, float] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith('{"feedback_for"'):
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in log_records(path, "feedback_for"):
         score = row.get("score")
         if isinstance(score, int | float) and math.isfinite(score):
             scores.setdefault(str(row["feedback_for"]), float(score))

@@ -10,7 +10,6 @@ answer's real cost beside the candidate's predicted cost).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 from routers.base import Router, RoutingDecision, RoutingRequest
 from routers.embedding.base import Embedder
 from server.config import TurnoutConfig
+from server.fleet.request_log import log_records, logged_messages
 from server.fleet.sources import SourceError, item_from_record
 from server.policy.table import RoutingTable, artifact_context
 from server.upstream.workers import WorkerRegistry
@@ -71,18 +71,8 @@ def read_served(path: Path) -> tuple[list[Served], int]:
         raise SourceError(f"{path}: no such file")
     served: list[Served] = []
     skipped = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or "request_id" not in row:
-            continue
-        prompt = row.get("prompt")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] if isinstance(
-            prompt, str) else None
+    for row in log_records(path, "request_id"):
+        messages = logged_messages(row)
         item = item_from_record({"messages": messages}, "log", []) if messages else None
         if item is None or not row.get("model") or row.get("status") != "ok":
             skipped += 1

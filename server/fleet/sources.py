@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from routers.offline.graders import METRIC_GRADERS
+from server.fleet.request_log import log_records, logged_messages
 
 BUNDLED = "bundled:llmrouter"
 LOG_PREFIX = "log:"
@@ -127,23 +128,12 @@ def read_request_log(path: Path) -> list[PromptItem]:
         raise SourceError(f"{path}: no such file")
     items: dict[str, PromptItem] = {}
     lines = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue  # other log lines share the stream
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or "request_id" not in row:
-            continue
+    for row in log_records(path, "request_id"):
         lines += 1
-        prompt = row.get("prompt")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] if isinstance(
-            prompt, str) else None
-        if messages:
-            item = item_from_record({"messages": messages}, "log", [])
-            if item is not None:
-                items.setdefault(item.prompt_id, item)
+        messages = logged_messages(row)
+        item = item_from_record({"messages": messages}, "log", []) if messages else None
+        if item is not None:
+            items.setdefault(item.prompt_id, item)
     if not items:
         raise SourceError(f"{path.name}: {lines} request lines, none with a prompt (turn server.log_prompts on "
                           "to log them)")
