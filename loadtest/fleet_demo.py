@@ -2,8 +2,8 @@
 
 Two vLLM CPU workers of different sizes serve SmolLM2-135M-Instruct (`small`) and Gemma 3 270M (`big`), each
 on its own core. Then, with the `turnout` commands a user runs:
-1. `turnout collect`: a few dozen prompts of the bundled suite (multiple-choice and short-answer questions,
-   the tasks whose answers fit in a few tokens), sent to both models;
+1. `turnout collect`: a few dozen prompts of the bundled suite (short-answer questions and grade-school
+   arithmetic), sent to both models;
 2. `turnout grade`: each answer scored by its task's reference grader into a routing table;
 3. `turnout train` and `turnout eval`: a `cost_aware` router on that table, and its report against the best
    single model of this fleet;
@@ -49,7 +49,7 @@ OUT = REPO / "loadtest" / "results" / "fleet" / "fleet"  # fleet.json and fleet.
 #: The prices are illustrative, in proportion to the models' sizes; the costs in the report follow from them.
 FLEET = {"small": ("smollm2-135m", "smollm2-135m", (0.05, 0.10)),
          "big": ("gemma3-270m", "gemma3-270m", (0.20, 0.40))}
-TASKS = "mmlu,commonsense_qa,openbook_qa,arc_challenge,natural_qa,trivia_qa"
+TASKS = "natural_qa,trivia_qa,gsm8k,agentverse-mgsm"
 
 
 @dataclass
@@ -186,7 +186,9 @@ def markdown(results: dict[str, Any]) -> str:
               f"- cost_aware at lambda 0: quality {routed['quality_at_lambda0']:.3f}, cost "
               f"${routed['cost_at_lambda0']:.3g} ({1 - routed['cost_at_lambda0'] / dear_cost:.0%} less than always "
               f"{dear}, the dearest model, at ${dear_cost:.3g})",
-              f"- two-model metrics: APGR {routed.get('apgr')}; {routed.get('note', '')}", "",
+              f"- two-model metrics: APGR {routed.get('apgr')}"
+              + (f" ({routed['note']})" if routed.get("note") else ""),
+              "",
               f"Live routing of the {live['prompts']} prompts: {live['mix']}; the artifact offline: "
               f"{live['offline_mix']}; live decisions equal to offline: {live['agree_with_offline']} of "
               f"{live['prompts']}.", "", "Step times (s): " + ", ".join(f"{k} {v}" for k, v in

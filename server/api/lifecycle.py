@@ -123,14 +123,16 @@ class RequestLife:
                 await self._stream.relay.aclose()
         finally:
             now = time.perf_counter()
-            self._parts.recorder.record(ex, now)
-            self._parts.recorder.log_line(ex, now)
-            self._tell_policy(now)
-            if self._hold is not None:
-                self._parts.spawn(settle(self._parts.limits, self._hold, ex))
-            if self._stream is not None:
-                self._stream.lease.end(self._stream.relay.verdict)
-            self._parts.in_flight.dec()
+            try:
+                self._parts.recorder.record(ex, now)
+                self._parts.recorder.log_line(ex, now)
+                self._tell_policy(now)
+            finally:  # whatever reporting did, what the request holds is given back
+                if self._hold is not None:
+                    self._parts.spawn(settle(self._parts.limits, self._hold, ex))
+                if self._stream is not None:
+                    self._stream.lease.end(self._stream.relay.verdict)
+                self._parts.in_flight.dec()
 
     def _tell_policy(self, now: float) -> None:
         told, ex = self._told, self.ex

@@ -80,10 +80,12 @@ class FleetCaller:
             body["logprobs"] = True
         answer = await self._send(prompt_id, model, body)
         if answer.error is not None and answer.error.startswith("worker answered 400") and "logprobs" in body:
-            # A worker that serves no logprobs refuses the request: ask again without them, and remember.
-            self._no_logprobs.add(model)
+            # A worker that serves no logprobs refuses the request: ask again without them, and remember when
+            # that worked (a 400 for another reason, a prompt too long, says nothing about logprobs).
             del body["logprobs"]
             answer = await self._send(prompt_id, model, body)
+            if answer.ok:
+                self._no_logprobs.add(model)
         return answer
 
     async def _send(self, prompt_id: str, model: str, body: dict[str, Any]) -> Answer:
@@ -100,6 +102,7 @@ class FleetCaller:
         answer = Answer(prompt_id, model, worker=ex.worker, latency_s=time.perf_counter() - started,
                         ttft_s=ex.ttft_s, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
                         cost_usd=ex.cost_usd, finish_reason=reading.finish_reason)
+        answer.unmetered = ex.cost_usd is None
         if ex.status is not Outcome.OK:
             answer.error = ex.error or str(ex.status)
         elif ex.cost_usd is None:

@@ -52,6 +52,7 @@ class Tally:
     held_usd: float = 0.0
     stopped_by_cap: bool = False
     interrupted: bool = False
+    error: Exception | None = None  # what stopped the collection, when a call's answer could not be recorded
     per_model: dict[str, list[Answer]] = field(default_factory=dict)
 
 
@@ -123,6 +124,8 @@ class Collector:
             task.add_done_callback(running.discard)
         if running:
             await asyncio.gather(*running)
+        if tally.error is not None:
+            raise tally.error
         tally.interrupted = self.stop.is_set()
         return tally
 
@@ -138,6 +141,10 @@ class Collector:
         try:
             answer = await self.caller.chat(job.prompt.prompt_id, job.model, job.prompt.messages,
                                             max_tokens=self.max_tokens, sampling=dict(self.sampling))
+            if answer.unmetered:
+                # The worker may have generated without reporting usage (a stream cut, no usage sent): count
+                # the worst case as spent, never less than what may have been spent.
+                answer.cost_usd = job.worst_usd
             self.writer.write(answer)
             tally.held_usd -= job.worst_usd
             tally.spent_usd += answer.cost_usd or 0.0
@@ -145,5 +152,9 @@ class Collector:
             tally.failed += 0 if answer.ok else 1
             tally.per_model.setdefault(job.model, []).append(answer)
             self.on_answer(tally)
+        except Exception as exc:  # an answer that cannot be recorded (disk full): stop sending, report it
+            if tally.error is None:
+                tally.error = exc
+            self.stop.set()
         finally:
             slots.release()

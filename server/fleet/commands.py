@@ -63,7 +63,7 @@ async def collect(config: TurnoutConfig, opts: CollectOptions, console: Console)
     """Run `turnout collect` (see the module docstring)."""
     caller = FleetCaller(config)
     try:
-        models = opts.models or caller.registry.models()
+        models = list(dict.fromkeys(opts.models or caller.registry.models()))
         check_models(models, caller.targets())
         run = RunDir(opts.out)
         prompts = _prompts(run, opts)

@@ -43,8 +43,8 @@ class GradeReport:
 
 
 def models_of(answers: dict[Key, Answer]) -> list[str]:
-    """The run's models, in the order they were first collected."""
-    return list(dict.fromkeys(m for _, m in answers))
+    """The run's models, by name (answers arrive in any order: the table's columns must not depend on it)."""
+    return sorted({m for _, m in answers})
 
 
 def reference_scores(prompts: list[PromptItem], answers: dict[Key, Answer], grader: str, allow_code: bool,
@@ -58,13 +58,13 @@ def reference_scores(prompts: list[PromptItem], answers: dict[Key, Answer], grad
             a = answers.get((item.prompt_id, model))
             if a is None or not a.ok:
                 continue
-            if not name or item.reference is None:
+            if not name or (item.reference is None and not name.startswith("regex:")):
                 report.no_reference += 1
             elif name == CODE_GRADER and not allow_code:
                 report.code_not_run += 1
             else:
                 fn = fixed or grader_for(name, allow_code=allow_code)
-                jobs.append(((item.prompt_id, model), fn, a.text or "", item.reference))
+                jobs.append(((item.prompt_id, model), fn, a.text or "", item.reference or ""))
     # Code graders wait on a process each: two at a time keeps both cores busy without crowding them.
     with ThreadPoolExecutor(max_workers=2) as pool:
         scores = list(pool.map(lambda j: j[1](j[2], j[3]), jobs))
@@ -149,7 +149,7 @@ async def grade(run: RunDir, grader: str, *, table: Path | None = None, allow_co
         if judge is None:
             raise ValueError("--grader judge needs --judge MODEL (and --config)")
         on_progress(f"judging with {judge.model} ({judge.kind})")
-        scores = await judge_scores(prompts, answers, judge, VerdictBook(run.path, judge.model, judge.kind),
+        scores = await judge_scores(prompts, answers, judge, VerdictBook(run.path, judge, reference_model),
                                     reference_model, report)
     else:
         scores = reference_scores(prompts, answers, grader, allow_code, report)

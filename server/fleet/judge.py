@@ -13,6 +13,7 @@ recorded as unknown (NaN), never as 0. Every judge call's cost is counted. Verdi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -64,6 +65,7 @@ class Verdict:
     cost_usd: float
     attempts: int
     raw: str | None = None  # the judge's last reply, for reading why a verdict was unreadable
+    failed: bool = False  # no call reached an answer (the judge was down): judged again by the next run
 
 
 def parse_score(reply: str) -> float | None:
@@ -106,25 +108,28 @@ class Judge:
         """The verdict on one answer (see the module docstring)."""
         parse = parse_pairwise if self.kind == "pairwise" else parse_score
         messages = [{"role": "user", "content": self.prompt(item, answer.text or "", reference_answer)}]
-        cost, reply = 0.0, None
+        cost, reply, answered = 0.0, None, False
         for attempt in range(1, self.retries + 2):
             sampling = {"temperature": 0.0} if attempt == 1 else {"temperature": 0.7, "seed": attempt}
             got = await self.caller.chat(item.prompt_id, self.model, messages, max_tokens=self.max_tokens,
                                          logprobs=False, sampling=sampling)
             cost += got.cost_usd or 0.0
-            reply = got.text if got.ok else got.error
+            reply, answered = (got.text, True) if got.ok else (got.error, answered)
             score = parse(got.text) if got.ok and got.text is not None else None
             if score is not None:
                 return Verdict(item.prompt_id, answer.model, score, cost, attempt, reply)
-        return Verdict(item.prompt_id, answer.model, None, cost, self.retries + 1, reply)
+        return Verdict(item.prompt_id, answer.model, None, cost, self.retries + 1, reply, failed=not answered)
 
 
 class VerdictBook:
     """The judge's verdicts of one run, appended as they arrive (`judge-<model>-<kind>.jsonl`)."""
 
-    def __init__(self, run_path: Path, judge_model: str, kind: Kind) -> None:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", judge_model)
-        self.path = run_path / f"judge-{safe}-{kind}.jsonl"
+    def __init__(self, run_path: Path, judge: Judge, reference_model: str | None = None) -> None:
+        """One book per judge, kind, reference model and rubric: verdicts of another setting are not reused."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", judge.model)
+        setting = f"{judge.kind}|{reference_model or ''}|{judge.rubric or ''}|{judge.max_tokens}"
+        digest = hashlib.sha256(setting.encode()).hexdigest()[:10]
+        self.path = run_path / f"judge-{safe}-{judge.kind}-{digest}.jsonl"
 
     def load(self) -> dict[tuple[str, str], Verdict]:
         """Every verdict recorded so far, by (prompt, graded model)."""
@@ -135,13 +140,15 @@ class VerdictBook:
                     v = Verdict(**json.loads(line))
                 except (json.JSONDecodeError, TypeError):
                     continue  # a line cut short by a crash
-                out[(v.prompt_id, v.model)] = v
+                if not v.failed:  # a judge that was down is asked again
+                    out[(v.prompt_id, v.model)] = v
         return out
 
     def append(self, verdict: Verdict) -> None:
-        """Record one verdict durably."""
+        """Record one verdict durably (on a line of its own, even after a line a crash cut short)."""
+        cut = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(verdict)) + "\n")
+            f.write(("\n" if cut else "") + json.dumps(asdict(verdict)) + "\n")
 
 
 def as_score(verdict: Verdict | None) -> float:

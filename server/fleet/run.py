@@ -40,6 +40,9 @@ class Answer:
     logprob_mean: float | None = None
     logprob_min: float | None = None
     error: str | None = None
+    # The stream began but no usage came back: the worker may have generated tokens nobody reported, so the
+    # collection charges the call's worst case (in `cost_usd`) rather than nothing.
+    unmetered: bool = False
 
     @property
     def ok(self) -> bool:

@@ -20,6 +20,15 @@ from server.fleet.request_log import log_records, logged_messages
 BUNDLED = "bundled:llmrouter"
 LOG_PREFIX = "log:"
 BUNDLED_TABLE = Path(__file__).resolve().parents[2] / "data" / "llmrouter_9model" / "data.parquet"
+_NO_OPTIONS = "its prompts hold no answer options, while the reference is an option letter"
+#: Bundled tasks left out of the suite: the table keeps only part of what their original prompts held, so an
+#: answer to the prompt as sent cannot be graded against the reference.
+UNGRADABLE_BUNDLED = {
+    **dict.fromkeys(("mmlu", "gpqa", "arc_challenge", "commonsense_qa", "openbook_qa", "agentverse-logicgrid"),
+                    _NO_OPTIONS),
+    "mbpp": "its prompts do not name the function its tests call",
+    "commongen": "its prompt is the concept list itself, so echoing it scores full coverage",
+}
 
 
 class SourceError(ValueError):
@@ -65,9 +74,18 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 
 def item_from_record(row: dict[str, Any], where: str, problems: list[str]) -> PromptItem | None:
     """A prompt from one record with `prompt` (text) or `messages` (chat), and the optional fields."""
+    if not isinstance(row, dict):
+        problems.append(f"{where}: not a JSON object")
+        return None
     messages: Any = row.get("messages")
+    if hasattr(messages, "tolist"):
+        messages = messages.tolist()  # parquet gives a list column as an array
     if isinstance(messages, str) and messages.strip().startswith("["):
-        messages = json.loads(messages)  # CSV cells carry messages as JSON text
+        try:
+            messages = json.loads(messages)  # CSV cells carry messages as JSON text
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: `messages` is not JSON ({exc.msg})")
+            return None
     prompt = row.get("prompt")
     if messages is None and isinstance(prompt, str) and prompt.strip():
         messages = [{"role": "user", "content": prompt}]
@@ -81,7 +99,9 @@ def item_from_record(row: dict[str, Any], where: str, problems: list[str]) -> Pr
 
     def opt(name: str) -> str | None:
         value = row.get(name)
-        return None if value is None or (isinstance(value, float) and value != value) else str(value)
+        if value is None or (isinstance(value, float) and value != value) or value == "":
+            return None  # absent, NaN, or a blank CSV cell: unknown, never graded as an empty reference
+        return value if isinstance(value, str) else json.dumps(value.tolist() if hasattr(value, "tolist") else value)
 
     return PromptItem(opt("prompt_id") or prompt_id_of(messages), tuple(messages), text, opt("reference"),
                       opt("grader"), opt("task"), opt("split"))
@@ -140,12 +160,16 @@ def read_request_log(path: Path) -> list[PromptItem]:
     return list(items.values())
 
 
-def read_bundled(table: Path = BUNDLED_TABLE) -> list[PromptItem]:
+def read_bundled(table: Path = BUNDLED_TABLE, tasks: list[str] | None = None) -> list[PromptItem]:
     """The bundled table's prompts with their ground truths, the grader each task's metric calls for, the task
-    and the split: a ready-made evaluation suite for any fleet."""
+    and the split: a ready-made evaluation suite for any fleet (the tasks that can be graded as sent, see
+    `UNGRADABLE_BUNDLED`)."""
     import pandas as pd
 
+    for task in sorted(set(tasks or ()) & set(UNGRADABLE_BUNDLED)):
+        raise SourceError(f"{BUNDLED}: task {task} is left out of the suite: {UNGRADABLE_BUNDLED[task]}")
     df = pd.read_parquet(table, columns=["prompt_id", "task", "split", "prompt", "metric", "ground_truth"])
+    df = df[~df["task"].isin(list(UNGRADABLE_BUNDLED))]
     return [PromptItem(str(r.prompt_id), ({"role": "user", "content": str(r.prompt)},), str(r.prompt),
                        str(r.ground_truth), METRIC_GRADERS.get(str(r.metric)), str(r.task), str(r.split))
             for r in df.itertuples(index=False)]
@@ -156,8 +180,10 @@ def read_source(spec: str, *, sample: int | None = None, seed: int = 0,
     """The prompts of `spec` (`bundled:llmrouter`, `log:PATH` or a file path), only those of `tasks` when given,
     at most `sample` of them chosen at random with `seed` (kept in the source's order), duplicates by id
     dropped."""
+    if sample is not None and sample < 1:
+        raise SourceError(f"--sample {sample}: a number of prompts, at least 1")
     if spec == BUNDLED:
-        items = read_bundled()
+        items = read_bundled(tasks=tasks)
     elif spec.startswith(LOG_PREFIX):
         items = read_request_log(Path(spec[len(LOG_PREFIX):]))
     else:

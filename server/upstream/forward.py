@@ -60,8 +60,9 @@ class Streaming:
 
 @dataclass(slots=True)
 class _Tries:
-    """One request's tries so far: the workers that failed it, the last failure and whose it was."""
+    """One request's tries so far: its record, the workers that failed it, the last failure and whose it was."""
 
+    ex: Exchange
     failed: set[str] = field(default_factory=set)
     last: GatewayError | None = None
     last_worker: Worker | None = None  # whose attempt `last` ended (None: no worker was left to pick)
@@ -100,7 +101,7 @@ class Forwarder:
         Every re-send spends from the registry's retry budget."""
         rel = registry.reliability
         registry.retry_budget.request()
-        tries = _Tries()
+        tries = _Tries(ex)
         for index, target in enumerate(call.targets):
             for attempt in range(rel.retries + 1):
                 try:
@@ -133,7 +134,7 @@ class Forwarder:
 
     def _note_failure(self, registry: WorkerRegistry, tries: _Tries, err: GatewayError, worker: Worker,
                       target: str) -> bool:
-        """Note a failed attempt (re-raising what sends nothing on); whether to try `target` again."""
+        """Note a failed attempt at `worker` (re-raising what sends nothing on); whether to try `target` again."""
         outcome = err.outcome
         if not outcome.sends_on:
             raise err
@@ -141,6 +142,7 @@ class Forwarder:
             tries.sent = True
             if self.metrics.enabled:  # counted here, once per failed exchange, whatever follows it
                 self.metrics.upstream_errors.labels(worker.name, outcome).inc()
+            tries.ex.failure_counted = True  # so the request's end does not count it again
         tries.last, tries.last_worker = err, worker
         tries.failed.add(worker.name)
         others = any(w.name not in tries.failed for w in registry.usable(target))
@@ -152,11 +154,11 @@ class Forwarder:
         breaker how it went (for a stream, whoever ends the request does, with the relay's verdict)."""
         if delay_s:
             await asyncio.sleep(delay_s)
+        call.body["model"] = worker.model
+        payload = encode_json(call.body)  # before the lease: a body that cannot be sent holds no place
         lease = await Lease.take(worker, registry.reliability)
         # The exchange is this worker's from here on (not while queued: a client leaving the line owes nothing).
         ex.worker, ex.model, ex.failure_counted = worker.name, worker.model, False
-        call.body["model"] = worker.model
-        payload = encode_json(call.body)
         try:
             if ex.stream:
                 opened = await self._open_stream(worker, call.path, payload, ex)

@@ -201,7 +201,21 @@ async def test_nesting_too_deep_to_forward_is_400(fakes: dict[str, Upstream]) ->
     body = '{"model": "auto", "messages": [{"role": "user", "content": "x"}], "x": ' + deep + "}"
     async with gateway_in_process(fake_config(fakes)) as gw:
         r = await gw.http.post("/v1/chat/completions", content=body.encode())
+        small = gw.app.state.gateway.live.registry.workers["small"]
+        # No place at the worker is held for a body that was never sent (a leak would wedge it in time).
+        assert (small.in_flight, small.gate.active) == (0, 0)
     assert r.status_code == 400 and "cannot be forwarded" in r.json()["error"]["message"]
+
+
+@pytest.mark.usefixtures("fake_reset")
+async def test_a_failed_exchange_is_counted_once_when_the_request_fails(fakes: dict[str, Upstream]) -> None:
+    cfg = fake_config(fakes, reliability={"retries": 0})
+    async with gateway_in_process(cfg) as gw:
+        with pytest.raises(openai.InternalServerError):
+            await gw.client.chat.completions.create(model="small", messages=MSG, extra_body={"fake": {"status": 500}})
+        text = (await gw.http.get("/metrics")).text
+    errors = [line for line in text.splitlines() if line.startswith("turnout_upstream_errors_total{")]
+    assert errors == ['turnout_upstream_errors_total{reason="upstream_error",worker="small"} 1.0']
 
 
 async def test_worker_redirect_and_auth_failure_are_502(fakes: dict[str, Upstream]) -> None:

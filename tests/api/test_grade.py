@@ -60,7 +60,7 @@ async def test_reference_graders_write_a_table_that_training_reads(fakes: dict[s
     for _, row in df.iterrows():
         assert row["cost_usd__fake-big"] == answers[(row.prompt_id, "fake-big")].cost_usd
     data = load_table(report.table)  # the format `turnout train` and `turnout eval` read
-    assert data.models == ["fake-small", "fake-big"] and data.costs is not None
+    assert data.models == ["fake-big", "fake-small"] and data.costs is not None
     assert len(data.prompts) == 4 and "dropped 1 rows whose every score is NaN" in data.notes
     assert report.mean_score == {"fake-small": 1.0, "fake-big": 0.0}
 

@@ -45,7 +45,7 @@ from testkit.procs import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 PROMPTS, MAX_TOKENS = 30, 8
-TASKS = "mmlu,commonsense_qa,openbook_qa,arc_challenge,natural_qa"
+TASKS = "natural_qa,trivia_qa,gsm8k"
 
 
 @dataclass(frozen=True)
@@ -166,13 +166,14 @@ def test_the_trained_policy_decides_live_as_eval_does(two_models: Fleet, collect
     graded = f.work / "graded.parquet"
     assert turnout("grade", str(collected.path), "--no-keep-split", "--out", str(graded), cwd=f.work).returncode == 0
     # Models this small answer these questions wrong nearly always, so every decision would be the cheap model's
-    # and agree trivially. Scores by task (the big model wins the mmlu questions) give the policy something to
+    # and agree trivially. Scores by task (the big model wins one task) give the policy something to
     # learn, so the comparison below covers decisions for both models; costs and prompts stay as collected.
+    # (The big model is given the gsm8k questions.)
     table = f.work / "table.parquet"
     df = pd.read_parquet(graded)
-    mmlu = df["task"] == "mmlu"
-    df["score__gemma3-270m"] = np.where(mmlu, 1.0, 0.0)
-    df["score__smollm2-135m"] = np.where(mmlu, 0.0, 1.0)
+    big_wins = df["task"] == "gsm8k"
+    df["score__gemma3-270m"] = np.where(big_wins, 1.0, 0.0)
+    df["score__smollm2-135m"] = np.where(big_wins, 0.0, 1.0)
     df.to_parquet(table, index=False)
     trained = turnout("train", "--data", str(table), "--router", "cost_aware", "--out", str(f.work / "art"),
                       cwd=f.work)
