@@ -292,7 +292,8 @@ def promote_cmd(
         if out is None:
             print(yaml.safe_dump({"policies": {name: block}}, sort_keys=False), end="")
             return
-        out.write_text(promoted_config(config, block, name, shadow_of=shadow_of, make_default=default))
+        out.write_text(promoted_config(config, block, name, shadow_of=shadow_of, make_default=default,
+                                       out_dir=out.resolve().parent))
     except ConfigError as exc:
         _print_problems(config, exc)
         raise typer.Exit(1) from None

@@ -188,7 +188,8 @@ def grade_table(report: GradeReport) -> Table:
                       "-" if math.isnan(mean) else f"{mean:.3f}")
     notes = [f"{report.no_reference} answers without a reference to grade against",
              f"{report.code_not_run} code answers not run (pass --allow-code)",
-             f"{report.unreadable} unreadable judge verdicts", f"judge cost ${report.judge_cost_usd:.6f}"]
+             f"{report.unreadable} unreadable judge verdicts", f"{report.grader_errors} grader failures",
+             f"judge cost ${report.judge_cost_usd:.6f}"]
     table.caption = "; ".join(notes) + " (all unknown, never 0)"
     return table
 

@@ -11,18 +11,21 @@ never 0, and counted in the report.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routers.offline.code_grader import prompt_code_tests
 from routers.offline.graders import CODE_GRADER, GraderFn, grader_for
 from server.fleet.judge import Judge, Verdict, VerdictBook, as_score
 from server.fleet.run import Answer, RunDir
 from server.fleet.sources import PromptItem
 
 AUTO, JUDGE = "auto", "judge"
+log = logging.getLogger("turnout.grade")
 Key = tuple[str, str]  # (prompt id, model)
 
 
@@ -38,6 +41,7 @@ class GradeReport:
     no_reference: int = 0  # answers whose prompt has no reference (or no grader) to grade against
     code_not_run: int = 0  # code answers left ungraded: running model output was not allowed
     unreadable: int = 0  # judge verdicts that could not be read after every retry
+    grader_errors: int = 0  # answers a reference grader failed on (logged)
     judge_cost_usd: float = 0.0
     mean_score: dict[str, float] = field(default_factory=dict)
 
@@ -64,11 +68,19 @@ def reference_scores(prompts: list[PromptItem], answers: dict[Key, Answer], grad
                 report.code_not_run += 1
             else:
                 fn = fixed or grader_for(name, allow_code=allow_code)
+                if name == CODE_GRADER:  # the prompt may be code the answer completes (HumanEval)
+                    fn = functools.partial(prompt_code_tests, item.text)
                 jobs.append(((item.prompt_id, model), fn, a.text or "", item.reference or ""))
-    # Code graders wait on a process each: two at a time keeps both cores busy without crowding them.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        scores = list(pool.map(lambda j: j[1](j[2], j[3]), jobs))
-    return {key: s for (key, _, _, _), s in zip(jobs, scores, strict=True)}
+    # One at a time, in this thread: the code grader starts a process with limits set between fork and exec,
+    # which is not safe while other threads run.
+    scores: dict[Key, float] = {}
+    for key, fn, answer, reference in jobs:
+        try:
+            scores[key] = fn(answer, reference)
+        except Exception:  # one odd answer (a number too large to read) is unknown; the grading goes on
+            log.exception("grading %s's answer to %s failed; its score is unknown", key[1], key[0])
+            report.grader_errors += 1
+    return scores
 
 
 async def judge_scores(prompts: list[PromptItem], answers: dict[Key, Answer], judge: Judge, book: VerdictBook,

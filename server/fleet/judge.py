@@ -96,6 +96,10 @@ class Judge:
     retries: int = 2
     max_tokens: int = 16
 
+    def __post_init__(self) -> None:
+        if self.rubric is not None:
+            check_rubric(self.rubric, self.kind)
+
     def prompt(self, item: PromptItem, answer: str, reference_answer: str | None) -> str:
         """The rubric filled in for one answer."""
         if self.kind == "pairwise":
@@ -149,6 +153,19 @@ class VerdictBook:
         cut = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", encoding="utf-8") as f:
             f.write(("\n" if cut else "") + json.dumps(asdict(verdict)) + "\n")
+
+
+def check_rubric(rubric: str, kind: Kind) -> None:
+    """`ValueError` naming what is wrong with a custom rubric: it must show the answer, and its braces must be
+    the placeholders (write a literal brace twice: `{{`)."""
+    if "{answer}" not in rubric:
+        raise ValueError("--rubric: it never shows the answer to grade ({answer} is missing)")
+    try:
+        rubric.format(prompt="", answer="", reference="", reference_answer="")
+    except (KeyError, IndexError, ValueError) as exc:
+        names = "{prompt}, {answer}, {reference_answer}" if kind == "pairwise" else "{prompt}, {reference}, {answer}"
+        raise ValueError(f"--rubric: {exc!r} is no placeholder; use {names}, and {{{{ }}}} for a literal brace") \
+            from None
 
 
 def as_score(verdict: Verdict | None) -> float:

@@ -41,11 +41,14 @@ def policy_block(config: TurnoutConfig, artifact_dir: Path, name: str, overrides
 
 
 def promoted_config(config_path: Path, block: dict[str, Any], name: str, *, shadow_of: str | None,
-                    make_default: bool) -> str:
+                    make_default: bool, out_dir: Path | None = None) -> str:
     """The config file's YAML with policy `name` added, as `shadow_of`'s shadow and/or as the default policy;
-    `ConfigError` (listing every problem) when the result would not load."""
+    `ConfigError` (listing every problem) when the result would not load from `out_dir` (where it will be
+    written: relative artifact paths start there; default the config's own directory)."""
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     policies = raw.setdefault("policies", {})
+    if name in policies:
+        raise ConfigError([f"--name {name}: the config has a policy of that name already; choose another"])
     policies[name] = block
     if shadow_of is not None:
         if shadow_of not in policies:
@@ -54,7 +57,7 @@ def promoted_config(config_path: Path, block: dict[str, Any], name: str, *, shad
     if make_default:
         raw["default_policy"] = name
     text = yaml.safe_dump(raw, sort_keys=False)
-    check = config_path.with_name(f".{config_path.stem}.promote-check.yaml")  # beside it: relative paths hold
+    check = (out_dir or config_path.parent) / f".{config_path.stem}.promote-check.yaml"
     try:
         check.write_text(text, encoding="utf-8")
         check_config_file(check)

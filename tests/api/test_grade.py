@@ -17,7 +17,7 @@ from server.config import TurnoutConfig, parse_config
 from server.fleet.caller import FleetCaller
 from server.fleet.commands import CollectOptions, collect
 from server.fleet.grade import grade
-from server.fleet.judge import Judge, parse_pairwise, parse_score
+from server.fleet.judge import Judge, check_rubric, parse_pairwise, parse_score
 from server.fleet.run import RunDir
 from tests.conftest import Upstream, fake_config
 
@@ -122,3 +122,28 @@ def test_verdicts_are_read_strictly() -> None:
     assert parse_score("Rating: 11") is None and parse_score("7/10") is None
     assert parse_pairwise("Verdict: tie") == 0.5 and parse_pairwise("verdict: a") == 0.0
     assert parse_pairwise("B is better") is None
+
+
+def test_a_rubric_must_show_the_answer_and_use_known_placeholders() -> None:
+    check_rubric("Grade {answer} to {prompt}. Rating: {{0-10}}", "score")
+    with pytest.raises(ValueError, match="answer"):
+        check_rubric("Grade {prompt}", "score")
+    with pytest.raises(ValueError, match="no placeholder"):
+        check_rubric("Grade {answer} with {style}", "score")
+
+
+@pytest.mark.usefixtures("fake_reset")
+async def test_an_answer_a_grader_fails_on_is_unknown_and_counted(fakes: dict[str, Upstream],
+                                                                  tmp_path: Path) -> None:
+    """A boxed fraction too large to read would raise in the grader: that answer is NaN, the rest are graded."""
+    source = tmp_path / "math.jsonl"
+    source.write_text(json.dumps({"prompt": "1/3 of a big number?", "reference": "\\boxed{1}", "grader": "boxed"})
+                      + "\n")
+    script(fakes, "fake-small", "\\boxed{\\frac{" + "9" * 1000 + "}{3}}")
+    script(fakes, "fake-big", "\\boxed{1}")
+    cfg = parse_config(fake_config(fakes))
+    await collect(cfg, CollectOptions(str(source), tmp_path / "run", max_tokens=5), QUIET)
+    report = await grade(RunDir(tmp_path / "run"), "auto")
+    df = pd.read_parquet(report.table)
+    assert report.grader_errors == 1 and df["score__fake-small"].isna().all() and (df["score__fake-big"] == 1).all()
+

@@ -54,6 +54,8 @@ def test_unmapped_models_and_bad_promotions_are_refused(fakes: dict[str, Upstrea
     assert block["models"] == {"fake-big": "big"}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="has a policy of that name"):
+        promoted_config(path, block, "cheap", shadow_of=None, make_default=False)
     with pytest.raises(ConfigError, match="no such policy"):
         promoted_config(path, block, "smart", shadow_of="nope", make_default=False)
     with pytest.raises(ConfigError):  # the artifact's embedder is not the config's: check-config refuses it

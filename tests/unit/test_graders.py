@@ -12,24 +12,21 @@ from typing import Any
 
 import pytest
 
+from routers.offline.code_grader import CodeResult, code_tests, extract_code, prompt_code_tests, run_code_tests
 from routers.offline.graders import (
     CODE_GRADER,
     GRADERS,
     METRIC_GRADERS,
-    CodeResult,
     boxed_answer,
     choice_letter,
-    code_tests,
     concept_coverage,
     contains,
     exact_match,
-    extract_code,
     final_number,
     grader_for,
     normalise,
     normalised_match,
     regex_match,
-    run_code_tests,
     token_f1,
 )
 
@@ -235,6 +232,9 @@ def test_run_code_tests_passes_and_fails() -> None:
     assert run_code_tests("def f(:", "").detail.startswith("failed: SyntaxError")
     # Leaving early must not count as passing the tests.
     assert not run_code_tests("import sys\nsys.exit(0)", "assert False").passed
+    # An exit status of 0 is not enough: the tests must have run.
+    skipped = run_code_tests("import os\nos._exit(0)", "assert False")
+    assert not skipped.passed and "before the tests had run" in skipped.detail
 
 
 @pytest.mark.slow
@@ -299,3 +299,18 @@ def test_code_tests_on_a_real_human_eval_row(table: Any) -> None:
     assert code_tests(wrong, tests) == 0.0
     assert code_tests(helper_first, tests, entry_point="truncate_number") == 1.0
     assert code_tests("    return number % 1.0", tests) == 0.0  # a bare body: only the answer's code runs
+
+
+@pytest.mark.slow
+def test_a_humaneval_answer_completes_its_prompt(table: Any) -> None:
+    """The prompt is code (imports, signature, docstring): an answer that is only the body passes, and so does a
+    whole function that leans on the prompt's imports; a wrong body fails."""
+    prompt, tests = _row(table, "human_eval", "candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)")
+    row = {"prompt": prompt, "ground_truth": tests}
+    body = ("    return any(abs(a - b) < threshold for i, a in enumerate(numbers) "
+            "for j, b in enumerate(numbers) if i != j)\n")
+    assert prompt_code_tests(row["prompt"], body, row["ground_truth"]) == 1.0
+    whole = ("def has_close_elements(numbers: List[float], threshold: float) -> bool:\n" + body)
+    assert prompt_code_tests(row["prompt"], f"```python\n{whole}```", row["ground_truth"]) == 1.0
+    assert prompt_code_tests(row["prompt"], "    return False\n", row["ground_truth"]) == 0.0
+
