@@ -176,22 +176,27 @@ async def run_grade(opts: GradeOptions, console: Console) -> GradeReport:
         if caller is not None:
             await caller.aclose()
     console.print(grade_table(report))
+    # Printed apart from the table so that a narrow table never wraps the figures mid-phrase.
+    console.print(grade_notes(report), soft_wrap=True)
     return report
 
 
 def grade_table(report: GradeReport) -> Table:
-    """The grading report: per model, scores and mean; below, why the others are unknown."""
+    """The grading report: per model, how many answers were scored, failed calls and the mean score."""
     table = Table("model", "scored", "failed calls", "mean score", title=f"{report.table} ({report.rows} prompts)")
     for m in report.models:
         mean = report.mean_score.get(m, math.nan)
         table.add_row(m, str(report.scored.get(m, 0)), str(report.failed_calls.get(m, 0)),
                       "-" if math.isnan(mean) else f"{mean:.3f}")
+    return table
+
+
+def grade_notes(report: GradeReport) -> str:
+    """One line under the grading table: why the unscored answers are unknown, and what the judge cost."""
     notes = [f"{report.no_reference} answers without a reference to grade against",
              f"{report.code_not_run} code answers not run (pass --allow-code)",
-             f"{report.unreadable} unreadable judge verdicts", f"{report.grader_errors} grader failures",
-             f"judge cost ${report.judge_cost_usd:.6f}"]
-    table.caption = "; ".join(notes) + " (all unknown, never 0)"
-    return table
+             f"{report.unreadable} unreadable judge verdicts", f"{report.grader_errors} grader failures"]
+    return "; ".join(notes) + f" (all unknown, never 0); judge cost ${report.judge_cost_usd:.6f}"
 
 
 def replay_table(report: ReplayReport) -> Table:

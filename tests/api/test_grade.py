@@ -4,6 +4,7 @@ the training commands read unchanged."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from routers.offline.dataset import load_table
 from server.config import TurnoutConfig, parse_config
 from server.fleet.caller import FleetCaller
-from server.fleet.commands import CollectOptions, collect
+from server.fleet.commands import CollectOptions, collect, grade_notes, grade_table
 from server.fleet.grade import grade
 from server.fleet.judge import Judge, check_rubric, parse_pairwise, parse_score
 from server.fleet.run import RunDir
@@ -100,6 +101,12 @@ async def test_a_judge_that_answers_nonsense_gives_unknown_scores(fakes: dict[st
     assert report.unreadable == 10 and report.judge_cost_usd > 0
     df = pd.read_parquet(report.table)
     assert df[["score__fake-small", "score__fake-big"]].isna().all().all(), "unknown, never 0"
+    narrow = Console(width=40, record=True, file=io.StringIO())
+    narrow.print(grade_table(report))
+    narrow.print(grade_notes(report), soft_wrap=True)
+    text = narrow.export_text()
+    assert "10 unreadable judge verdicts" in text and f"judge cost ${report.judge_cost_usd:.6f}" in text, \
+        "a narrow console never wraps the figures a script reads"
 
 
 @pytest.mark.usefixtures("fake_reset")
