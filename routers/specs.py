@@ -82,6 +82,11 @@ class _LearnedSpec(_Spec):
         description="Artifact model name -> this config's worker or model name; unmapped names are used as is.")
     queue_penalty: _NonNegative = Field(
         default=0.0, description="Utility subtracted per request waiting at a model's least loaded worker.")
+    fallback: str | None = Field(
+        default=None, min_length=1,
+        description="The candidate (this config's name) that answers when the policy cannot decide because the "
+                    "prompt's embedding failed (e.g. a remote embedder is down); default: the policy's first "
+                    "available candidate.")
 
 
 class _UtilitySpec(_LearnedSpec):

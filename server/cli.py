@@ -28,7 +28,8 @@ from server.store.base import StoreUnavailable
 from server.store.redis_store import RedisStore
 
 T = TypeVar("T")
-EMBEDDER_HELP = "onnx (default), static (distilled from it; fast on CPUs) or st:<model path>"
+EMBEDDER_HELP = ("onnx (default), static (distilled from it; fast on CPUs), st:<model path> or "
+                 "openai:<model>@<base url> (a remote /v1/embeddings server)")
 
 
 class LogLevel(enum.StrEnum):
@@ -42,11 +43,11 @@ class LogLevel(enum.StrEnum):
 
 app = typer.Typer(help="Turnout: a multi-LLM query-routing gateway.", no_args_is_help=True)
 # soft_wrap: never break a problem line in two (logs and CI read this output too).
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # messages quote user text: no :emoji: codes
 
 
 def _print_problems(source: Path, exc: ConfigError) -> None:
-    err.print(f"[red]{source}: {len(exc.problems)} problem(s)[/red]")
+    err.print(f"[red]{escape(str(source))}: {len(exc.problems)} problem(s)[/red]")
     for p in exc.problems:
         err.print(f"  - {p}", highlight=False, markup=False)
 
@@ -112,13 +113,14 @@ def train_cmd(
 ) -> None:
     """Train a router on a table's training rows and write a versioned artifact."""
     _need_training_stack()
+    from routers.embedding.remote import EmbedderUnavailable
     from routers.offline.commands import run_train
     from routers.offline.prices import TableError
 
     try:
         run_train(data, router, out, embedder, Console(width=None if Console().is_terminal else 150))
-    except (TableError, ValueError) as exc:
-        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+    except (TableError, ValueError, EmbedderUnavailable) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -138,6 +140,7 @@ def eval_cmd(
 ) -> None:
     """Train each router on the training rows and report every routing metric on the evaluation rows."""
     _need_training_stack()
+    from routers.embedding.remote import EmbedderUnavailable
     from routers.offline.commands import run_eval
     from routers.offline.prices import TableError
     from routers.offline.report import EvalOptions
@@ -146,8 +149,8 @@ def eval_cmd(
         run_eval(data, router or ["knn", "cost_aware", "bandit"],
                  EvalOptions(split=split, folds=folds, seed=seed, group_level=group_level), embedder,
                  json_out, plot, online, Console(width=None if Console().is_terminal else 150))
-    except (TableError, ValueError) as exc:
-        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+    except (TableError, ValueError, EmbedderUnavailable) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -234,16 +237,16 @@ def replay_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")] = None,
 ) -> None:
     """What a candidate policy would have decided on logged traffic, against what was served (no model calls)."""
-    from routers.embedding.cache import model_cache_dir
-    from routers.embedding.factory import make_embedder
+    from routers.embedding.remote import EmbedderUnavailable
     from server.fleet.commands import replay_table
     from server.fleet.replay import replay
     from server.fleet.sources import SourceError
+    from server.policy.embedding import build_embedder
 
     try:
         cfg = load_config(config)
-        report = replay(cfg, config, policy, log, make_embedder(cfg.embedder.spec(), model_cache_dir()))
-    except (ConfigError, SourceError) as exc:
+        report = replay(cfg, config, policy, log, build_embedder(cfg.embedder))
+    except (ConfigError, SourceError, EmbedderUnavailable) as exc:
         err.print(f"[red]{escape(str(exc))}[/red]", markup=True, highlight=False)
         raise typer.Exit(1) from None
     Console(width=None if Console().is_terminal else 150).print(replay_table(report))
@@ -326,7 +329,7 @@ def _with_store(url_env: str, work: Callable[[RedisStore], Awaitable[T]]) -> T:
     try:
         return asyncio.run(run())
     except StoreUnavailable as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
 
 
@@ -353,7 +356,7 @@ def keys_add(
     try:
         key = _with_store(url_env, lambda s: add_key(s, rules))
     except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     print(key)
 

@@ -18,12 +18,10 @@ from typing import Any
 import httpx
 
 from routers.embedding.base import Embedder
-from routers.embedding.cache import model_cache_dir
-from routers.embedding.factory import make_embedder
 from server.config import ConfigError, TurnoutConfig, load_config
 from server.policy.affinity import AffinityStore
 from server.policy.bandit_sync import BanditSync
-from server.policy.embedding import EmbeddingService
+from server.policy.embedding import EmbeddingService, build_embedder
 from server.policy.feedback import FeedbackBook
 from server.quota.keys import KeyBook
 from server.quota.keystore import StoredKeys
@@ -88,7 +86,7 @@ class GatewayState:
     @staticmethod
     def _make_embedding(config: TurnoutConfig, embedder: Embedder | None) -> EmbeddingService:
         e = config.embedder
-        return EmbeddingService(embedder or make_embedder(e.spec(), model_cache_dir()), cache_size=e.cache_size,
+        return EmbeddingService(embedder or build_embedder(e), cache_size=e.cache_size,
                                 max_batch=e.max_batch, max_wait_ms=e.wait_ms())
 
     def _on_breaker(self, worker: Worker, old: BreakerState, new: BreakerState) -> None:

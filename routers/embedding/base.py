@@ -33,3 +33,10 @@ def l2_normalise(rows: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]
     rows32 = np.asarray(rows, dtype=np.float32)
     norms = np.linalg.norm(rows32, axis=1, keepdims=True)
     return np.asarray(rows32 / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+
+def close_embedder(embedder: object) -> None:
+    """Release what an embedder holds open (a remote embedder's connections); a no-op for local models."""
+    close = getattr(embedder, "close", None)
+    if callable(close):
+        close()

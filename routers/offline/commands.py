@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from routers.artifacts import save_artifact
-from routers.embedding.base import Embedder
+from routers.embedding.base import Embedder, close_embedder
 from routers.embedding.cache import cache_dir, embed_corpus, model_cache_dir
 from routers.embedding.factory import make_embedder
 from routers.offline.dataset import RoutingData, load_table
@@ -35,8 +35,11 @@ def load_and_embed(table: Path, embedder_spec: str, console: Console) -> tuple[R
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(f"embedding {len(data)} prompts", total=len(data))
-        x = embed_corpus(embedder, data.prompts, cache_dir(),
-                         progress=lambda done, total: bar.update(task, completed=done))
+        try:
+            x = embed_corpus(embedder, data.prompts, cache_dir(),
+                             progress=lambda done, total: bar.update(task, completed=done))
+        finally:
+            close_embedder(embedder)  # only its id and dimension are used from here on
     return data, x, embedder
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from routers.artifacts import Artifact
 from routers.bandit import BanditRouter
 from routers.from_artifact import router_from_artifact
 from routers.learned import UtilityRouter
@@ -54,17 +55,21 @@ def predict(kind: str, data: RoutingData, x: F32, tr: npt.NDArray[np.intp], te: 
             embedder_id: str, opts: TrainOptions) -> tuple[F64, F64, dict[str, Any]]:
     """Train `kind` on rows tr, predict quality and cost for rows te; also the hyper-parameters chosen."""
     fitted = train(kind, data.subset(tr), x[tr], embedder_id, opts)
-    router = router_from_artifact("eval", fitted.artifact)
-    if isinstance(router, UtilityRouter):
-        q, c = router.scores(x[te], prompt_stats([data.prompts[i] for i in te]))
-    elif isinstance(router, BanditRouter):
-        z = router.projection(x[te])
-        q = z @ router.bandit.theta.T  # the estimated reward, without the exploration bonus
-        c = np.broadcast_to(router.mean_costs, q.shape).copy()
-    else:  # pragma: no cover - every trained type is one of the above
-        raise TypeError(type(router).__name__)
+    q, c = artifact_predictions(fitted.artifact, [data.prompts[i] for i in te], x[te])
     chosen = {k: v for k, v in fitted.artifact.meta.items() if k in ("knn", "probe_c", "knn_weight", "bandit")}
     return q, c, chosen
+
+
+def artifact_predictions(artifact: Artifact, prompts: list[str], x: F32) -> tuple[F64, F64]:
+    """A trained artifact's predicted quality and cost (n x m) for prompts whose embeddings are `x` (a bandit's
+    estimated reward, without its exploration bonus, and its mean costs)."""
+    router = router_from_artifact("eval", artifact)
+    if isinstance(router, UtilityRouter):
+        return router.scores(x, prompt_stats(prompts))
+    if isinstance(router, BanditRouter):
+        q = router.projection(x) @ router.bandit.theta.T
+        return q, np.broadcast_to(router.mean_costs, q.shape).copy()
+    raise TypeError(type(router).__name__)  # pragma: no cover - every trained type is one of the above
 
 
 def eval_rows(data: RoutingData, opts: EvalOptions) -> list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]:

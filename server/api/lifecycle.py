@@ -88,6 +88,7 @@ class RequestLife:
         ex.policy, ex.decision, ex.shadow = sel.policy, sel.decision, sel.shadow
         ex.routing_s = sel.routing_s if sel.policy else None
         ex.embed_cached, ex.affinity, ex.embed_s, ex.score_s = sel.embed_cached, sel.affinity, sel.embed_s, sel.score_s
+        ex.embed_error = sel.embed_error
         ex.reason = sel.decision.reason if sel.decision else None
         if sel.router is None or sel.decision is None:
             return

@@ -168,15 +168,40 @@ class EmbedderConfig(_Model):
     """The prompt embedder of learned policies, and its batching and cache."""
 
     # onnx: MiniLM int8 on the CPU (about 43 ms of CPU for a 66-piece prompt on 2 cores); static: word-piece vectors
-    # distilled from it (tens of microseconds; for CPU-only gateways with many new prompts); st: sentence-transformers.
-    backend: Literal["onnx", "static", "st"] = "onnx"
+    # distilled from it (tens of microseconds; for CPU-only gateways with many new prompts); st: sentence-transformers;
+    # openai: a remote OpenAI-compatible /v1/embeddings server (e.g. a vLLM pooling worker on a GPU).
+    backend: Literal["onnx", "static", "st", "openai"] = "onnx"
     # For `st`: a local sentence-transformers model directory (never fetched from a hub).
     model_path: str | None = None
+    # For `openai`: the server's base URL (ending in /v1), the served model, its vectors' dimension, and the
+    # environment variable holding its API key (if it wants one).
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    model: str | None = Field(default=None, min_length=1)
+    dimensions: Annotated[int, Field(ge=1, le=65536)] | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # One embedding call may take this long; after a failure, requests do not wait on the server again for
+    # `retry_after_s` (the policy's fallback answers them meanwhile).
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    retry_after_s: Annotated[float, Field(ge=0, le=600)] = 5.0
+    # Texts are cut to this many characters before they are sent (bounded work per request); a vLLM server also
+    # cuts to this many tokens (its `truncate_prompt_tokens`; unset for servers that do not know the field).
+    max_chars: Annotated[int, Field(ge=1)] = 8192
+    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     cache_size: Annotated[int, Field(ge=0)] = 10_000
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     # Concurrent requests arriving within this window are embedded in one model call. Default: 2 ms for a model
     # (one call of 8 prompts costs far less than 8 calls), 0 for `static`, whose embedding costs less than any wait.
     max_wait_ms: Annotated[float | None, Field(ge=0, le=1000)] = None
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> EmbedderConfig:
+        if self.backend == "openai":
+            missing = [f for f in ("url", "model", "dimensions") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"backend 'openai' needs {', '.join(missing)}")
+        elif self.backend == "st" and not self.model_path:
+            raise ValueError("backend 'st' needs model_path")
+        return self
 
     def wait_ms(self) -> float:
         """`max_wait_ms`, or the backend's default."""
@@ -186,7 +211,11 @@ class EmbedderConfig(_Model):
 
     def spec(self) -> str:
         """The `routers.embedding.factory.make_embedder` spec string."""
-        return f"st:{self.model_path}" if self.backend == "st" else self.backend
+        if self.backend == "st":
+            return f"st:{self.model_path}"
+        if self.backend == "openai":
+            return f"openai:{self.model}@{self.url}"
+        return self.backend
 
 
 _ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -9,6 +9,7 @@ while a batch runs (onnxruntime releases the GIL).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,11 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from routers.embedding.base import Embedder
-from routers.embedding.cache import CachedEmbedder
+from routers.embedding.base import Embedder, close_embedder
+from routers.embedding.cache import CachedEmbedder, model_cache_dir
+from routers.embedding.factory import make_embedder
+from routers.embedding.remote import RemoteEmbedder
+from server.config import EmbedderConfig
 from server.tasks import cancel_and_wait
 
 F32 = npt.NDArray[np.float32]
+
+
+def build_embedder(cfg: EmbedderConfig) -> Embedder:
+    """The embedder the config describes (a local model is loaded here; a remote one is not called)."""
+    if cfg.backend == "openai":
+        assert cfg.url is not None and cfg.model is not None and cfg.dimensions is not None  # checked by the config
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        return RemoteEmbedder(cfg.url, cfg.model, cfg.dimensions, api_key=key, timeout_s=cfg.timeout_s,
+                              retry_after_s=cfg.retry_after_s, max_chars=cfg.max_chars,
+                              truncate_prompt_tokens=cfg.truncate_prompt_tokens)
+    return make_embedder(cfg.spec(), model_cache_dir())
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,7 @@ class EmbeddingService:
                 fut.set_exception(RuntimeError("the embedding service stopped"))
         self._waiting.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close_embedder(self.embedder)
 
     async def embed(self, text: str) -> Embedded:
         """The L2-normalised vector of `text`."""

@@ -21,6 +21,8 @@ from server.upstream.workers import WorkerRegistry
 log = logging.getLogger("turnout.routing")
 
 SESSION_HEADER = "x-session-id"
+LOG_EVERY_S = 10.0
+_last_logged: dict[str, float] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Selection:
     embed_cached: bool | None = None
     score_s: float | None = None  # the policy's and its shadow's scoring
     affinity: bool = False
+    embed_error: str | None = None  # the embedding failed: the policy's fallback was chosen without scoring
 
 
 def explicit_policy(inp: RouteInput) -> str | None:
@@ -110,7 +113,10 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
     if router.needs_embedding or (shadow_router is not None and shadow_router.needs_embedding):
         if embedding is None:  # pragma: no cover - the state builds the service whenever a policy needs it
             raise RuntimeError("a policy needs embeddings but the gateway has no embedder")
-        got = await embedding.embed(inp.text)
+        try:
+            got = await embedding.embed(inp.text)
+        except Exception as exc:  # the embedder failed: the policy's fallback answers, never a 500
+            return _undecided(router, policy, candidates, getattr(spec, "fallback", None), exc, started)
         vector, embed_s, cached = got.vector, got.wait_s, got.cached
     opts = inp.options
     req = RoutingRequest(
@@ -128,6 +134,26 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
         await affinity.put(policy, inp.session, decision.chosen, aff.ttl_s)
     return Selection(target=decision.chosen, policy=policy, decision=decision, router=router, shadow=shadow,
                      routing_s=time.perf_counter() - started, embed_s=embed_s, embed_cached=cached, score_s=score_s)
+
+
+def _undecided(router: Router, policy: str, candidates: list[str], fallback: str | None, exc: Exception,
+               started: float) -> Selection:
+    """The selection when the prompt could not be embedded: the policy's configured fallback (or its first
+    available candidate), the rest of its candidates in order as the fallbacks."""
+    chosen = fallback if fallback in candidates else candidates[0]
+    error = str(exc) or type(exc).__name__
+    # Once per policy every LOG_EVERY_S while the embedder stays down (the metric counts every request).
+    now = time.monotonic()
+    if now - _last_logged.get(policy, -LOG_EVERY_S) >= LOG_EVERY_S:
+        _last_logged[policy] = now
+        log.warning("policy %s could not embed the prompt (%s): sent to %s", policy, error, chosen)
+    order = [chosen, *[c for c in candidates if c != chosen]]
+    decision = RoutingDecision(
+        chosen=chosen, ranking=tuple(CandidateScore(name=c, score=0.0) for c in order),
+        reason=f"embedding failed ({error}): the policy's fallback {chosen}", policy=policy,
+        version=getattr(router, "version", "static") or "static")
+    return Selection(target=chosen, policy=policy, decision=decision, router=router, embed_error=error,
+                     routing_s=time.perf_counter() - started)
 
 
 def _shadow_decision(router: Router, live: RoutingRequest, registry: WorkerRegistry) -> RoutingDecision | None:

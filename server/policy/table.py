@@ -44,6 +44,10 @@ class RoutingTable:
             if missing:
                 problems.append(f"policies.{name}: routes to {missing}, which no worker serves; map them to "
                                 f"workers or models with `models:` (known: {sorted(known)})")
+            fallback = getattr(self.specs[name], "fallback", None)
+            if fallback is not None and fallback not in router.targets():
+                problems.append(f"policies.{name}.fallback: {fallback!r} is not one of the policy's candidates "
+                                f"({list(router.targets())})")
         if problems:
             raise ConfigError(problems, source)
         self._direct = known

@@ -102,6 +102,10 @@ class Metrics:
             "turnout_embedding_duration_seconds", "Time a request waited for its prompt's embedding, by whether "
             "the embedding cache had it.", ["cache"], buckets=OVERHEAD_BUCKETS, registry=r,
         )
+        self.embedding_failures = Counter(
+            "turnout_embedding_failures", "Requests whose prompt could not be embedded (the embedder failed or was "
+            "down), so their policy's fallback answered them.", ["policy"], registry=r,
+        )
         self.scoring = Histogram(
             "turnout_scoring_duration_seconds", "Time a policy (and its shadow) took to score the candidates.",
             ["policy"], buckets=OVERHEAD_BUCKETS, registry=r,

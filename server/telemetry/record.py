@@ -46,6 +46,7 @@ class Exchange:
     embed_s: float | None = None
     score_s: float | None = None
     embed_cached: bool | None = None
+    embed_error: str | None = None  # the prompt could not be embedded: the policy's fallback was sent
     affinity: bool = False
     key: str | None = None  # the client key's name (never the key)
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).

@@ -82,6 +82,8 @@ class Recorder:
                 m.routing.labels(policy).observe(ex.routing_s)
             if ex.embed_s is not None:
                 m.embedding.labels("hit" if ex.embed_cached else "miss").observe(ex.embed_s)
+            if ex.embed_error is not None:
+                m.embedding_failures.labels(policy).inc()
             if ex.score_s is not None:
                 m.scoring.labels(policy).observe(ex.score_s)
         if ex.shadow is not None and ex.decision is not None:
@@ -106,7 +108,7 @@ def _decision_log(ex: Exchange) -> dict[str, Any]:
         "artifact": d.version, "routing_ms": None if ex.routing_s is None else round(ex.routing_s * 1000, 3),
         "embed_ms": None if ex.embed_s is None else round(ex.embed_s * 1000, 3),
         "score_ms": None if ex.score_s is None else round(ex.score_s * 1000, 3),
-        "embed_cached": ex.embed_cached, "affinity": ex.affinity,
+        "embed_cached": ex.embed_cached, "embed_error": ex.embed_error, "affinity": ex.affinity,
         "candidates": [{"name": c.name, "score": round(c.score, 6), "quality": c.predicted_quality,
                         "cost_usd": c.predicted_cost_usd} for c in d.ranking],
     }
