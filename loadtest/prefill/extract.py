@@ -2,7 +2,7 @@
 
 Runs in the vLLM worker's virtualenv (`deploy/vllm-cpu/setup.sh`), which has torch and transformers; the
 gateway's own environment never imports torch. Reads prompts as JSON lines (`{"id": ..., "text": ...}`),
-writes one `chunk-NNNNN.npz` per `--chunk` prompts into OUT (ids, float16 features of shape
+writes one `chunk-NNNNN.npz` per `--chunk` prompts into OUT (ids, float32 features of shape
 (n, layers, 2 poolings, hidden), token counts, seconds of CPU and wall time). Chunks are written whole
 (a temporary file, then a rename) and skipped when present, so an interrupted run loses at most the chunk
 in progress and the same command resumes it.
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                    help="bfloat16 runs about twice as fast on CPUs with AVX512-BF16 (states are stored as float16)")
+                    help="bfloat16 runs about twice as fast on CPUs with AVX512-BF16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     stop = {"now": False}
@@ -118,7 +118,8 @@ def main() -> None:
         if stop["now"]:
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        feats = np.zeros((len(chunk), len(layers), 2, int(cfg.hidden_size)), dtype=np.float16)
+        # float32: a few dimensions of Gemma's residual stream pass float16's range (65504) on long prompts.
+        feats = np.zeros((len(chunk), len(layers), 2, int(cfg.hidden_size)), dtype=np.float32)
         ntok = np.zeros(len(chunk), dtype=np.int32)
         flops = 0.0
         for b, idx in _batches(chunk, lengths, args.batch_tokens):
