@@ -1,14 +1,15 @@
 """The one place that decides status codes and error bodies.
 
-Every error leaves the gateway in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
-Third-party exceptions are mapped here at the boundary, so handlers raise `GatewayError` and never
-build error responses themselves.
+Every error leaves the gateway in the shape of the API its path belongs to: OpenAI's,
+`{"error": {"message", "type", "param", "code"}}`, or on Anthropic's paths (`/v1/messages...`) Anthropic's,
+`{"type": "error", "error": {"type", "message"}}`. Third-party exceptions are mapped here at the boundary, so
+handlers raise `GatewayError` and never build error responses themselves.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -21,6 +22,24 @@ from starlette.routing import Match, Route
 from server.outcome import Outcome
 
 log = logging.getLogger("turnout.errors")
+
+Dialect = Literal["openai", "anthropic"]
+#: Paths of Anthropic's API: errors there take Anthropic's shape, which its SDK reads.
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/complete")
+# Anthropic's error types by status (its documented `error.type` values).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    529: "overloaded_error"}
+
+
+def dialect_of(path: str) -> Dialect:
+    """The API whose error shape a request on `path` expects."""
+    return "anthropic" if path.startswith(ANTHROPIC_PATHS) else "openai"
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's `error.type` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 class GatewayError(Exception):
@@ -36,8 +55,10 @@ class GatewayError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         upstream_status: int | None = None,
+        dialect: Dialect = "openai",
     ) -> None:
         super().__init__(message)
+        self.dialect = dialect
         self.status = status
         self.message = message
         self.type = type
@@ -62,7 +83,9 @@ class GatewayError(Exception):
         return f"worker answered {self.upstream_status} ({self.type}, code {self.code})"
 
     def body(self) -> dict[str, Any]:
-        """The OpenAI error object."""
+        """The error object of the API the request spoke (OpenAI's, or Anthropic's on its paths)."""
+        if self.dialect == "anthropic":
+            return {"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def sse_event(self) -> bytes:
@@ -193,6 +216,22 @@ def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> 
     )
 
 
+# FastAPI's own documentation pages: not part of the API a client is told about.
+_DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def unsupported_path(request: Request) -> GatewayError:
+    """404 for a path the gateway does not serve: it names the path and lists what is served, in the shape of the
+    API the path belongs to (a bare "Not Found" tells a client nothing)."""
+    served = sorted({f"{m} {r.path}" for r in request.app.router.routes
+                     if isinstance(r, Route) and r.methods and r.path not in _DOC_PATHS
+                     for m in r.methods if m != "HEAD"}, key=lambda s: (s.split()[1], s.split()[0]))
+    path = request.url.path
+    return GatewayError(404, f"This gateway does not serve {request.method} {path}. It serves: "
+                             f"{', '.join(served)} (described in /openapi.json).",
+                        type="invalid_request_error", code="unsupported_path", dialect=dialect_of(path))
+
+
 def allowed_methods(request: Request) -> str:
     """The `Allow` header of a 405: the methods of every route of this path. Starlette names only those of the
     first route it found for the path, and a path may have one route per method (`/admin/keys`)."""
@@ -204,7 +243,7 @@ def allowed_methods(request: Request) -> str:
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Make every error the app can produce, including the framework's own, OpenAI-shaped."""
+    """Make every error the app can produce, including the framework's own, shaped as its API expects."""
 
     def request_id(request: Request) -> dict[str, str]:
         rid = getattr(request.state, "request_id", None)
@@ -222,8 +261,10 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # the router found no route for the path
+            return error_response(unsupported_path(request), request_id(request))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = GatewayError(exc.status_code, str(exc.detail), code=code)
+        err = GatewayError(exc.status_code, str(exc.detail), code=code, dialect=dialect_of(request.url.path))
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"allow": allowed_methods(request)}

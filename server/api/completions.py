@@ -1,6 +1,7 @@
-"""The request pipeline of `POST /v1/chat/completions` and `POST /v1/completions`: read and validate the body,
-authenticate, admit (limits and the budget's hold), route, forward (retries and fallbacks), respond. The
-request's `RequestLife` ends it, streaming or not (`server.api.lifecycle`)."""
+"""The request pipeline of `POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/embeddings`: read and
+validate the body, authenticate, admit (limits and the budget's hold), route (embeddings go to the pooling worker
+their model names), forward (retries and fallbacks), respond. The request's `RequestLife` ends it, streaming or
+not (`server.api.lifecycle`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ from server.api.body import decode_json, read_body, until_disconnect
 from server.api.input_limits import check_limits
 from server.api.lifecycle import LifeParts, RequestLife
 from server.api.prompts import prompt_text
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, validate_body
-from server.errors import GatewayError, error_response, internal_error
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIRequest,
+    validate_body,
+)
+from server.errors import GatewayError, bad_request, error_response, internal_error
 from server.gateway import GatewayState
 from server.outcome import Outcome
 from server.policy.selection import (
@@ -44,13 +51,15 @@ log = logging.getLogger("turnout.completions")
 class Endpoint:
     """A completion endpoint: the worker's path and the schema its body is validated with."""
 
-    kind: str  # "chat" or "completions": the request log's `endpoint`
+    kind: str  # "chat", "completions" or "embeddings": the request log's `endpoint`
     path: str
     schema: type[OpenAIRequest]
+    pooling: bool = False  # served by pooling workers, named directly (never by a policy)
 
 
 CHAT = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
 COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True)
 
 
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
@@ -98,8 +107,13 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     body.pop("turnout", None)  # the gateway's own field; workers never see it
     inp = route_input(request, body, req)
     key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+    if live.table.policy_for(inp.model, explicit_policy(inp)) is None:
+        check_worker_kind(live, inp.model, endpoint)
+    elif endpoint.pooling:
+        raise bad_request(f"Embeddings are not routed by a policy: name an embedding model (a worker of kind "
+                          f"'pooling'), not '{inp.model}'.", "model")
     if key is not None:
-        inp = await _admit(gw, live, key, inp, body, life)
+        inp = await _admit(gw, live, key, inp, body, life, bound=not endpoint.pooling)
     selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
     life.routed(selection)
     call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body)
@@ -117,12 +131,26 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     return life.respond(result)
 
 
+def check_worker_kind(live: Live, model: str, endpoint: Endpoint) -> None:
+    """A model named directly must be served by workers of the endpoint's kind: 400 otherwise (a generation
+    server has no embeddings, a pooling server no completions)."""
+    kinds = {w.config.kind for w in live.registry.resolve(model)}
+    if endpoint.pooling and "pooling" not in kinds:
+        raise bad_request(f"'{model}' is served by generation workers; /v1/embeddings needs an embedding model (a "
+                          "worker of kind 'pooling').", "model")
+    if not endpoint.pooling and kinds == {"pooling"}:
+        raise bad_request(f"'{model}' is an embedding model (its workers are of kind 'pooling'): it serves "
+                          "/v1/embeddings only.", "model")
+
+
 async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
-                 life: RequestLife) -> RouteInput:
+                 life: RequestLife, *, bound: bool = True) -> RouteInput:
     """A keyed request's admission: what it may use (403), its limits and budget hold (429); routing then keeps
-    within what the hold covers."""
+    within what the hold covers. `bound`: give the answer a max_tokens when the key needs one (not for embeddings,
+    which generate nothing)."""
     check_access(key, live.table.policy_for(inp.model, explicit_policy(inp)), inp.model)
-    bound_answer(key, body, live.config.server.default_max_tokens)
+    if bound:
+        bound_answer(key, body, live.config.server.default_max_tokens)
     prices = {}
     if key.config.budget_usd is not None:
         prices = {t: live.registry.resolve(t)[0].config.price
@@ -141,3 +169,8 @@ async def handle_chat(request: Request, gw: GatewayState) -> Response:
 async def handle_text(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/completions`."""
     return await handle_completion(COMPLETIONS, request, gw)
+
+
+async def handle_embeddings(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/embeddings`."""
+    return await handle_completion(EMBEDDINGS, request, gw)

@@ -20,6 +20,7 @@ from server.api.openapi_models import (
     Alive,
     ChatCompletion,
     ConfigErrorResponse,
+    EmbeddingList,
     ErrorResponse,
     FeedbackResult,
     KeyCreated,
@@ -31,7 +32,7 @@ from server.api.openapi_models import (
     StatusSnapshot,
     TextCompletion,
 )
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from server.config import KeyConfig
 
 JSON = dict[str, Any]
@@ -135,6 +136,15 @@ CHAT_BODY = json_body(inline_schema(ChatCompletionRequest), CHAT_EXAMPLE)
 CHAT_RESPONSES = _completion(ChatCompletion, "`chat.completion`")
 COMPLETION_BODY = json_body(inline_schema(CompletionRequest), {"model": "auto", "prompt": "Once", "max_tokens": 8})
 COMPLETION_RESPONSES = _completion(TextCompletion, "`text_completion`")
+
+EMBEDDINGS_BODY = json_body(inline_schema(EmbeddingRequest), {"model": "my-embedder", "input": ["Say hello."]})
+EMBEDDINGS_RESPONSES: Responses = {
+    200: {"model": EmbeddingList, "description": "The pooling worker's embeddings as it answered them.",
+          "headers": ROUTING_HEADERS},
+    **errors(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS),
+    499: {"description": "The client went away before the answer (logged and counted; nobody receives it).",
+          "headers": ROUTING_HEADERS},
+}
 
 ROUTE_BODY = json_body(inline_schema(ChatCompletionRequest), CHAT_EXAMPLE)
 ROUTE_RESPONSES: Responses = {

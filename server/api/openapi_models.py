@@ -108,6 +108,23 @@ class TextCompletion(_Open):
     usage: Usage | SkipJsonSchema[None] = None
 
 
+class Embedding(_Open):
+    """One input's vector (a base64 string with `encoding_format: base64`)."""
+
+    index: int
+    object: Literal["embedding"]
+    embedding: list[float] | str
+
+
+class EmbeddingList(_Open):
+    """`object: list` of embeddings, as vLLM's pooling server and OpenAI answer it."""
+
+    object: Literal["list"]
+    model: str
+    data: list[Embedding]
+    usage: Usage | SkipJsonSchema[None] = None
+
+
 #: One server-sent event of a stream, as a client's SSE parser sees it. The gateway relays the worker's
 #: `data:` lines (JSON chunks, then `[DONE]`; a failure after the start is a final `{"error": ...}` event)
 #: and never names events, so every event is a plain message.

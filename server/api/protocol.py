@@ -102,6 +102,21 @@ class CompletionRequest(OpenAIRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+class EmbeddingRequest(OpenAIRequest):
+    """`POST /v1/embeddings` body: sent to the pooling worker the model names (no policy chooses)."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = {
+        "messages": "embeddings take 'input'; 'messages' is for /v1/chat/completions.",
+        "turnout": "embeddings are not routed by a policy: name the embedding model."}
+
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
+        list[StrictInt], Field(min_length=1)] | Annotated[list[list[StrictInt]], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: Literal[False] | None = None
+
+
 def _is_union_tag(part: int | str) -> bool:
     """pydantic puts union member tags such as `str` or `list[TextPart]` into error locations."""
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or not part.isidentifier())

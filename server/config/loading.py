@@ -83,6 +83,14 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
             if w["model"] in prices and prices[w["model"]] != price:
                 problems.append(f"workers: replicas of model {w['model']!r} have different prices")
             prices.setdefault(w["model"], price)
+    # A model's replicas are all of one kind, so a request for it never lands on a server that cannot answer it.
+    kinds: dict[str, set[str]] = {}
+    for w in workers:
+        if isinstance(w, dict) and isinstance(w.get("model"), str):
+            kinds.setdefault(w["model"], set()).add(str(w.get("kind", "generate")))
+    for model, ks in kinds.items():
+        if len(ks) > 1:
+            problems.append(f"workers: replicas of model {model!r} are of different kinds ({', '.join(sorted(ks))})")
     raw_policies = raw.get("policies")
     policies: dict[str, Any] = raw_policies if isinstance(raw_policies, dict) else {}
     known: set[str] = set(names) | models

@@ -88,6 +88,10 @@ class WorkerConfig(_Model):
     timeouts: Timeouts = Timeouts()
     # Requests sent to this worker at once; more wait (see `reliability`) or go elsewhere. None: no limit.
     max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    # generate: serves chat and text completions (a vLLM server in its default runner); pooling: serves
+    # embeddings (`vllm serve --runner pooling`). Chat routing never picks a pooling worker, and embeddings go only
+    # to pooling workers.
+    kind: Literal["generate", "pooling"] = "generate"
 
     @field_validator("base_url", "health_url", "metrics_url")
     @classmethod
@@ -199,8 +203,6 @@ class EmbedderConfig(_Model):
             missing = [f for f in ("url", "model", "dimensions") if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"backend 'openai' needs {', '.join(missing)}")
-        elif self.backend == "st" and not self.model_path:
-            raise ValueError("backend 'st' needs model_path")
         return self
 
     def wait_ms(self) -> float:
@@ -303,12 +305,13 @@ class TurnoutConfig(_Model):
     @cached_property
     def reference(self) -> tuple[str, Price]:
         """The model savings are counted against, and its price: `server.reference_model`, else the dearest model
-        (by the sum of its input and output prices; the first configured on a tie). Computed once per config:
-        every request reads it."""
+        among generation workers (by the sum of its input and output prices; the first configured on a tie). Computed
+        once per config: every request reads it."""
         if self.server.reference_model is not None:
             ref = next(w for w in self.workers if w.model == self.server.reference_model)
-        else:
-            ref = max(self.workers, key=lambda w: w.price.input_per_1m + w.price.output_per_1m)
+        else:  # among the models that answer completions (an embedding model is nobody's alternative to them)
+            generating = [w for w in self.workers if w.kind == "generate"] or self.workers
+            ref = max(generating, key=lambda w: w.price.input_per_1m + w.price.output_per_1m)
         return ref.model, ref.price
 
     def worker(self, name: str) -> WorkerConfig:

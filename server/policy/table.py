@@ -44,6 +44,11 @@ class RoutingTable:
             if missing:
                 problems.append(f"policies.{name}: routes to {missing}, which no worker serves; map them to "
                                 f"workers or models with `models:` (known: {sorted(known)})")
+            pooling = sorted({t for t in router.targets() for w in config.workers
+                              if w.kind == "pooling" and t in (w.name, w.model)})
+            if pooling:
+                problems.append(f"policies.{name}: routes to {pooling}, served by embedding workers (kind "
+                                "'pooling'), which answer no completions")
             fallback = getattr(self.specs[name], "fallback", None)
             if fallback is not None and fallback not in router.targets():
                 problems.append(f"policies.{name}.fallback: {fallback!r} is not one of the policy's candidates "

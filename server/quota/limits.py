@@ -47,8 +47,9 @@ MEDIA_PART_TOKENS = 16_384
 
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """An upper bound on the prompt's tokens: the bytes as JSON of everything the chat template renders into it
-    (messages or prompt, tools, functions, response format), plus `MEDIA_PART_TOKENS` per non-text part."""
-    parts = {k: body[k] for k in ("messages", "prompt", "tools", "functions", "response_format") if k in body}
+    (messages or prompt, tools, functions, response format; an embedding's input), plus `MEDIA_PART_TOKENS` per
+    non-text part."""
+    parts = {k: body[k] for k in ("messages", "prompt", "input", "tools", "functions", "response_format") if k in body}
     media = 0
     for msg in body.get("messages") or []:
         content = msg.get("content") if isinstance(msg, dict) else None

@@ -147,6 +147,8 @@ class Metrics:
                 self.reference_cost.labels(model, policy)
         for policy in policies:
             self.savings.labels(policy)
+        for policy in config.policies:  # at 0, so that an alert on its rate has a series to read
+            self.embedding_failures.labels(policy)
 
     def up(self, reachable: bool) -> None:
         """`StoreSignals`: whether the last shared-state operation reached the store."""

@@ -108,6 +108,8 @@ class Exchange:
         if not isinstance(usage, dict):
             return
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if ct is None and isinstance(pt, int) and usage.get("total_tokens") == pt:
+            ct = 0  # an embedding's usage: input tokens only
         if isinstance(pt, int) and isinstance(ct, int):
             self.prompt_tokens, self.completion_tokens = pt, ct
             if price is not None:

@@ -6,7 +6,8 @@ Build the app with :func:`create_fake_worker`, or run it as a server::
         [--ttft-ms X] [--itl-ms Y] [--latency-ms Z] [--max-model-len N] \\
         [--graceful-timeout S] [--timeout-keep-alive S]
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings`` (8-dimensional
+vectors from each text's hash; usage as vLLM's pooling server gives it; only the ``status`` fault), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (vLLM-style Prometheus gauges/counters) and the test controls
 ``GET /fake/stats``, ``POST /fake/reset``, ``GET|POST /fake/mode``.
 
@@ -34,8 +35,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from testkit.fakes.worker_protocol import FakeRequestError, Faults, parse_faults
-from testkit.fakes.worker_stream import CompletionsEndpoint, FakeState, FakeWorkerApp
+from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_embeddings, parse_faults
+from testkit.fakes.worker_stream import CompletionsEndpoint, FakeState, FakeWorkerApp, Outcome
 
 __all__ = ["FakeState", "FakeWorkerApp", "create_fake_worker", "main", "render_metrics"]
 
@@ -130,8 +131,24 @@ def create_fake_worker(
                 return Response(exc.body(), exc.status, media_type="application/json")
         return _json(state.mode)
 
+    async def embeddings(request: Request) -> Response:
+        state.requests += 1
+        try:
+            body, vectors, tokens = fake_embeddings(await request.body(), state.model, state.base_faults())
+        except FakeRequestError as exc:
+            state.record(Outcome.ERROR)
+            return Response(exc.body(), exc.status, media_type="application/json")
+        state.bodies.append(body)
+        state.prompt_tokens_total += tokens
+        state.record(Outcome.COMPLETED)
+        data = [{"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vectors)]
+        return _json({"id": f"embd-{state.requests}", "object": "list", "created": int(time.time()),
+                      "model": body.get("model", state.model), "data": data,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
     routes = [
         Route("/v1/chat/completions", CompletionsEndpoint(state, "chat"), methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", CompletionsEndpoint(state, "completion"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

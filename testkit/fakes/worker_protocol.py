@@ -5,6 +5,8 @@ Nothing here touches the network; :mod:`testkit.fakes.worker_stream` sends what 
 
 from __future__ import annotations
 
+import hashlib
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -136,6 +138,37 @@ def _content_words(content: object) -> int:
     if content is None or isinstance(content, str):
         return count_words(content)
     raise FakeRequestError(400, "message content must be a string or a list of content parts", "messages")
+
+
+EMBEDDING_DIM = 8
+
+
+def fake_embeddings(raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], list[list[float]], int]:
+    """A `/v1/embeddings` request's body, one deterministic unit vector per input (from the text's hash) and the
+    prompt tokens (words + 1 per input); `FakeRequestError` for a bad body, a wrong model or a `status` fault."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FakeRequestError(400, f"malformed JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise FakeRequestError(400, "the body must be a JSON object")
+    if model != "*" and body.get("model") != model:
+        raise FakeRequestError(404, f"The model `{body.get('model')}` does not exist.", "model")
+    faults = faults.merged(parse_faults(body.pop("fake", None), "fake"))
+    if faults.status is not None:
+        raise FakeRequestError(faults.status, "injected failure")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise FakeRequestError(400, "`input` must be a string or a non-empty list of strings", "input")
+    vectors = []
+    for text in texts:
+        digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()[:EMBEDDING_DIM]
+        v = [b - 127.5 for b in digest]
+        norm = math.sqrt(sum(x * x for x in v)) or 1.0
+        vectors.append([x / norm for x in v])
+    return body, vectors, sum(count_words(t) + 1 for t in texts)
 
 
 def prompt_tokens_of(kind: Kind, body: dict[str, Any]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -179,6 +180,25 @@ async def test_unknown_route_and_method_are_openai_shaped(fakes: dict[str, Upstr
     assert r404.status_code == 404 and r405.status_code == 405
     assert_openai_error(r404.json())
     assert_openai_error(r405.json())
+
+
+async def test_a_path_not_served_is_named_in_its_own_api_shape(fakes: dict[str, Upstream]) -> None:
+    """Through each official SDK: the path, and what the gateway serves, in the error its SDK reads."""
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        with pytest.raises(openai.NotFoundError) as oa:
+            await gw.client.responses.create(model="fake-small", input="hello")
+        sdk = anthropic.AsyncAnthropic(base_url="http://gateway", api_key="test", http_client=gw.http,
+                                       max_retries=0)
+        with pytest.raises(anthropic.NotFoundError) as an:
+            await sdk.messages.create(model="fake-small", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        raw = await gw.http.post("/v1/messages/count_tokens", json={})
+    body = oa.value.body
+    assert isinstance(body, dict) and body["code"] == "unsupported_path"
+    assert "POST /v1/responses" in body["message"] and "POST /v1/chat/completions" in body["message"]
+    assert "/docs" not in body["message"].replace("/openapi.json", "")
+    assert an.value.status_code == 404 and "POST /v1/messages" in an.value.message
+    assert raw.json()["type"] == "error" and raw.json()["error"]["type"] == "not_found_error"
+    assert set(raw.json()) == {"type", "error"} and "count_tokens" in raw.json()["error"]["message"]
 
 
 

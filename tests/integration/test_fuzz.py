@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from server.quota.keys import hash_key
 from testkit.procs import ManagedProcess, free_port
-from tests.conftest import Upstream, fake_config, serve_gateway
+from tests.conftest import Upstream, fake_config, serve_gateway, start_fake
 
 CLIENT_KEY = "tk-fuzz-client"
 NARROW_KEY = "tk-fuzz-narrow"  # may use the `cheap` policy and the `small` worker only
@@ -52,11 +52,11 @@ CLIENT_HEADERS = {"authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_KEY}"}
 MAX_BODY = 256 * 1024
 #: Models that reach a worker; the fuzzer's own random names only ever reach the 404.
-MODELS = ["auto", "turnout/cheap", "turnout/split", "small", "big", "fake-small", "fake-big"]
+MODELS = ["auto", "turnout/cheap", "turnout/split", "small", "big", "fake-small", "fake-big", "fake-embed"]
 #: Stored keys made before the fuzz, so that `DELETE /admin/keys/{name}` can also succeed.
 STORED_KEYS = [f"fuzz-stored-{i}" for i in range(8)]
 #: Every operation but `POST /admin/reload` (see `fuzz_schema`).
-FUZZED = 13
+FUZZED = 14
 SEED = 20_240_917
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 
@@ -65,8 +65,9 @@ def _key(name: str, key: str, **rules: Any) -> dict[str, Any]:
     return {"name": name, "key_sha256": hash_key(key), **rules}
 
 
-def gateway_config(fakes: dict[str, Upstream], dead_url: str) -> dict[str, Any]:
-    """The two fakes, and a worker that is never up (for the 503), behind a gateway with keys. The fuzz key's
+def gateway_config(fakes: dict[str, Upstream], dead_url: str, embed_url: str) -> dict[str, Any]:
+    """The two fakes, a fake embedding (pooling) worker, and a worker that is never up (for the 503), behind a
+    gateway with keys. The fuzz key's
     budget is far beyond what the fuzz spends: only an absurd worst case (huge `max_tokens` x `n`) gets a 429."""
     raw = fake_config(
         fakes,
@@ -79,6 +80,8 @@ def gateway_config(fakes: dict[str, Upstream], dead_url: str) -> dict[str, Any]:
                 "max_body_bytes": MAX_BODY},
     )
     raw["workers"].append({"name": "dead", "model": "dead-model", "base_url": dead_url})
+    raw["workers"].append({"name": "embed", "model": "fake-embed", "base_url": embed_url, "kind": "pooling",
+                           "price": {"input_per_1m": 0.02}})
     raw["policies"]["doomed"] = {"type": "fixed", "worker": "dead"}
     return raw
 
@@ -88,7 +91,7 @@ def _wait_ready(url: str) -> None:
     while True:
         workers = httpx.get(f"{url}/readyz", timeout=5).json()["workers"]
         health = {name: w["health"] for name, w in workers.items()}
-        if health == {"small": "up", "big": "up", "dead": "down"}:
+        if health == {"small": "up", "big": "up", "dead": "down", "embed": "up"}:
             return
         assert time.monotonic() < deadline, f"the workers never settled behind the gateway: {health}"
         time.sleep(0.1)
@@ -99,9 +102,12 @@ def gateway_proc(fakes: dict[str, Upstream], tmp_path_factory: pytest.TempPathFa
     """A gateway process with keys and admin endpoints on; fails at the end if it logged a traceback (a 500 is
     caught by the checks, an error in a background task such as a budget settle only here)."""
     dead_url = f"http://127.0.0.1:{free_port()}/v1"
-    proc, _ = serve_gateway(gateway_config(fakes, dead_url), Path(tmp_path_factory.mktemp("fuzz")))
+    tmp = Path(tmp_path_factory.mktemp("fuzz"))
+    embed = start_fake("fake-embed", tmp)
+    embed_url = f"http://127.0.0.1:{embed.cmd[embed.cmd.index('--port') + 1]}/v1"
+    proc, _ = serve_gateway(gateway_config(fakes, dead_url, embed_url), tmp)
     proc.env = {**(proc.env or {}), ADMIN_ENV: ADMIN_KEY}
-    with proc:
+    with embed, proc:
         _wait_ready(_url(proc))
         yield proc
     assert "Traceback" not in proc.log_text(), proc.log_text()[-5000:]

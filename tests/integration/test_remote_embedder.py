@@ -1,5 +1,6 @@
-"""The remote embedder (`embedder.backend: openai`) on a real vLLM CPU server in pooling mode (Gemma 3 270M's
-mean-pooled hidden states as embeddings): `turnout train` through it, a gateway whose `/v1/route` decides every test
+"""A real vLLM CPU server in pooling mode (Gemma 3 270M's mean-pooled hidden states as embeddings): first as a
+worker of kind `pooling` behind `POST /v1/embeddings`; then as the remote embedder (`embedder.backend: openai`):
+`turnout train` through it, a gateway whose `/v1/route` decides every test
 prompt as the artifact does offline on the same server's vectors, and, with the server killed, every request
 answered by the policy's fallback and counted, never a 500."""
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,6 +74,25 @@ def config(fakes: dict[str, Upstream], artifact: str, url: str, dim: int) -> dic
         "embedder": {"backend": "openai", "url": url, "model": SERVED, "dimensions": dim, "timeout_s": 5.0,
                      "truncate_prompt_tokens": 512},
     }
+
+
+async def test_embeddings_through_the_gateway_from_the_pooling_worker(pooling: tuple[ManagedProcess, str]) -> None:
+    """`POST /v1/embeddings` relayed to the same server as a worker of kind `pooling` (before the next test kills
+    it): the vectors and token counts are the worker's own, and the cost is its input tokens x the price."""
+    _, url = pooling
+    texts = ["The quick brown fox.", "Combien de protéines par jour ?"]
+    async with httpx.AsyncClient(timeout=60) as worker:
+        direct = (await worker.post(f"{url}/embeddings", json={"model": SERVED, "input": texts})).json()
+    cfg = {"workers": [{"name": "embed", "model": SERVED, "base_url": url, "kind": "pooling",
+                        "price": {"input_per_1m": 0.02, "output_per_1m": 0.0}}]}
+    async with gateway_in_process(cfg) as gw:
+        got = await gw.client.embeddings.create(model=SERVED, input=texts)
+        metrics = (await gw.http.get("/metrics")).text
+    assert got.usage.prompt_tokens == direct["usage"]["prompt_tokens"] > 0
+    for mine, theirs in zip(got.data, direct["data"], strict=True):
+        assert len(mine.embedding) == 640 and np.allclose(mine.embedding, theirs["embedding"], atol=1e-6)
+    cost = next(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("turnout_cost_usd_total{"))
+    assert cost == pytest.approx(direct["usage"]["prompt_tokens"] * 0.02 / 1e6, rel=1e-9)
 
 
 async def test_live_routing_through_a_pooling_worker_and_its_failure(
