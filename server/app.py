@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from routers.embedding.base import Embedder
 from server.api import openapi as doc
 from server.api.admin import handle_keys, handle_reload, handle_revoke, reload_and_log
-from server.api.completions import handle_chat, handle_embeddings, handle_text
+from server.api.completions import handle_chat, handle_embeddings, handle_rerank, handle_score, handle_text
 from server.api.explain import handle_route
 from server.api.feedback import handle_feedback
 from server.api.middleware import RequestIdMiddleware
@@ -65,6 +65,12 @@ ROUTES = (
     Route("POST", "/v1/embeddings", "embeddings", handle_embeddings,
           "Create embeddings with the embedding model named (a pooling worker; OpenAI protocol)",
           {"openapi_extra": doc.EMBEDDINGS_BODY, "responses": doc.EMBEDDINGS_RESPONSES}),
+    Route("POST", "/v1/rerank", "rerank", handle_rerank,
+          "Rank documents by relevance to a query with the model named (a pooling worker; vLLM's protocol)",
+          {"openapi_extra": doc.RERANK_BODY, "responses": doc.RERANK_RESPONSES}),
+    Route("POST", "/v1/score", "score", handle_score,
+          "Score text pairs with the model named (a pooling worker; vLLM's protocol)",
+          {"openapi_extra": doc.SCORE_BODY, "responses": doc.SCORE_RESPONSES}),
     Route("POST", "/v1/route", "route", handle_route,
           "Explain: the routing decision for a chat request, without running it",
           {"openapi_extra": doc.ROUTE_BODY, "responses": doc.ROUTE_RESPONSES}),

@@ -1,7 +1,7 @@
-"""The request pipeline of `POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/embeddings`: read and
-validate the body, authenticate, admit (limits and the budget's hold), route (embeddings go to the pooling worker
-their model names), forward (retries and fallbacks), respond. The request's `RequestLife` ends it, streaming or
-not (`server.api.lifecycle`)."""
+"""The request pipeline of `POST /v1/chat/completions`, `POST /v1/completions`, and the pooling endpoints
+`/v1/embeddings`, `/v1/rerank` and `/v1/score`: read and validate the body, authenticate, admit (limits and the
+budget's hold), route (a pooling request goes to the pooling worker its model names), forward (retries and
+fallbacks), respond. The request's `RequestLife` ends it, streaming or not (`server.api.lifecycle`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from server.api.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     OpenAIRequest,
+    RerankRequest,
+    ScoreRequest,
     validate_body,
 )
 from server.errors import GatewayError, bad_request, error_response, internal_error
@@ -51,7 +53,7 @@ log = logging.getLogger("turnout.completions")
 class Endpoint:
     """A completion endpoint: the worker's path and the schema its body is validated with."""
 
-    kind: str  # "chat", "completions" or "embeddings": the request log's `endpoint`
+    kind: str  # "chat", "completions", "embeddings", "rerank" or "score": the request log's `endpoint`
     path: str
     schema: type[OpenAIRequest]
     pooling: bool = False  # served by pooling workers, named directly (never by a policy)
@@ -60,6 +62,8 @@ class Endpoint:
 CHAT = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
 COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest)
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True)
+RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True)
+SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True)
 
 
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
@@ -110,8 +114,8 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     if live.table.policy_for(inp.model, explicit_policy(inp)) is None:
         check_worker_kind(live, inp.model, endpoint)
     elif endpoint.pooling:
-        raise bad_request(f"Embeddings are not routed by a policy: name an embedding model (a worker of kind "
-                          f"'pooling'), not '{inp.model}'.", "model")
+        raise bad_request(f"/v1{endpoint.path} is not routed by a policy: name an embedding or scoring model (a "
+                          f"worker of kind 'pooling'), not '{inp.model}'.", "model")
     if key is not None:
         inp = await _admit(gw, live, key, inp, body, life, bound=not endpoint.pooling)
     selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
@@ -136,11 +140,11 @@ def check_worker_kind(live: Live, model: str, endpoint: Endpoint) -> None:
     server has no embeddings, a pooling server no completions)."""
     kinds = {w.config.kind for w in live.registry.resolve(model)}
     if endpoint.pooling and "pooling" not in kinds:
-        raise bad_request(f"'{model}' is served by generation workers; /v1/embeddings needs an embedding model (a "
-                          "worker of kind 'pooling').", "model")
+        raise bad_request(f"'{model}' is served by generation workers; /v1{endpoint.path} needs an embedding or "
+                          "scoring model (a worker of kind 'pooling').", "model")
     if not endpoint.pooling and kinds == {"pooling"}:
         raise bad_request(f"'{model}' is an embedding model (its workers are of kind 'pooling'): it serves "
-                          "/v1/embeddings only.", "model")
+                          "/v1/embeddings, /v1/rerank and /v1/score only.", "model")
 
 
 async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
@@ -174,3 +178,13 @@ async def handle_text(request: Request, gw: GatewayState) -> Response:
 async def handle_embeddings(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/embeddings`."""
     return await handle_completion(EMBEDDINGS, request, gw)
+
+
+async def handle_rerank(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/rerank`."""
+    return await handle_completion(RERANK, request, gw)
+
+
+async def handle_score(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/score`."""
+    return await handle_completion(SCORE, request, gw)

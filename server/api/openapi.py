@@ -28,11 +28,19 @@ from server.api.openapi_models import (
     ModelList,
     Readiness,
     Reloaded,
+    RerankList,
     RouteExplanation,
+    ScoreList,
     StatusSnapshot,
     TextCompletion,
 )
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from server.config import KeyConfig
 
 JSON = dict[str, Any]
@@ -137,14 +145,23 @@ CHAT_RESPONSES = _completion(ChatCompletion, "`chat.completion`")
 COMPLETION_BODY = json_body(inline_schema(CompletionRequest), {"model": "auto", "prompt": "Once", "max_tokens": 8})
 COMPLETION_RESPONSES = _completion(TextCompletion, "`text_completion`")
 
+def _pooling(model: type[BaseModel], what: str) -> Responses:
+    return {
+        200: {"model": model, "description": f"The pooling worker's {what} as it answered them.",
+              "headers": ROUTING_HEADERS},
+        **errors(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS),
+        499: {"description": "The client went away before the answer (logged and counted; nobody receives it).",
+              "headers": ROUTING_HEADERS},
+    }
+
+
 EMBEDDINGS_BODY = json_body(inline_schema(EmbeddingRequest), {"model": "my-embedder", "input": ["Say hello."]})
-EMBEDDINGS_RESPONSES: Responses = {
-    200: {"model": EmbeddingList, "description": "The pooling worker's embeddings as it answered them.",
-          "headers": ROUTING_HEADERS},
-    **errors(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS),
-    499: {"description": "The client went away before the answer (logged and counted; nobody receives it).",
-          "headers": ROUTING_HEADERS},
-}
+EMBEDDINGS_RESPONSES = _pooling(EmbeddingList, "embeddings")
+RERANK_BODY = json_body(inline_schema(RerankRequest),
+                        {"model": "my-reranker", "query": "capital of France", "documents": ["Paris", "Lyon"]})
+RERANK_RESPONSES = _pooling(RerankList, "ranking")
+SCORE_BODY = json_body(inline_schema(ScoreRequest), {"model": "my-reranker", "text_1": "a cat", "text_2": ["a dog"]})
+SCORE_RESPONSES = _pooling(ScoreList, "scores")
 
 ROUTE_BODY = json_body(inline_schema(ChatCompletionRequest), CHAT_EXAMPLE)
 ROUTE_RESPONSES: Responses = {

@@ -56,10 +56,10 @@ class _Open(BaseModel):
 
 
 class Usage(_Open):
-    """Token counts (vLLM may leave `completion_tokens` null)."""
+    """Token counts (vLLM may leave `completion_tokens` null; pooling answers leave it out)."""
 
     prompt_tokens: int
-    completion_tokens: int | None
+    completion_tokens: int | SkipJsonSchema[None] = None
     total_tokens: int
 
 
@@ -122,6 +122,37 @@ class EmbeddingList(_Open):
     object: Literal["list"]
     model: str
     data: list[Embedding]
+    usage: Usage | SkipJsonSchema[None] = None
+
+
+class RerankResult(_Open):
+    """One document's place: its index in the request and its relevance (vLLM adds the document)."""
+
+    index: int
+    relevance_score: float
+
+
+class RerankList(_Open):
+    """Documents by relevance, as vLLM's pooling server answers `/v1/rerank`."""
+
+    model: str
+    results: list[RerankResult]
+    usage: Usage | SkipJsonSchema[None] = None
+
+
+class ScoreData(_Open):
+    """One pair's score."""
+
+    index: int
+    score: float
+
+
+class ScoreList(_Open):
+    """`object: list` of scores, as vLLM's pooling server answers `/v1/score`."""
+
+    object: Literal["list"]
+    model: str
+    data: list[ScoreData]
     usage: Usage | SkipJsonSchema[None] = None
 
 

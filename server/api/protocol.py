@@ -102,19 +102,60 @@ class CompletionRequest(OpenAIRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+_POOLING_MISPLACED = {"messages": "'messages' is for /v1/chat/completions.",
+                     "turnout": "pooling requests are not routed by a policy: name the model."}
+# A text, or a multimodal content part or parts, as vLLM's scoring endpoints take them.
+_ScoreInput = StrictStr | dict[str, Any] | list[Any]
+
+
 class EmbeddingRequest(OpenAIRequest):
     """`POST /v1/embeddings` body: sent to the pooling worker the model names (no policy chooses)."""
 
     model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
-    misplaced: ClassVar[dict[str, str]] = {
-        "messages": "embeddings take 'input'; 'messages' is for /v1/chat/completions.",
-        "turnout": "embeddings are not routed by a policy: name the embedding model."}
+    misplaced: ClassVar[dict[str, str]] = _POOLING_MISPLACED
 
     input: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
         list[StrictInt], Field(min_length=1)] | Annotated[list[list[StrictInt]], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     stream: Literal[False] | None = None
+
+
+class RerankRequest(OpenAIRequest):
+    """`POST /v1/rerank` body (vLLM's and Jina/Cohere's shape): documents ranked by relevance to the query."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = _POOLING_MISPLACED
+    query: _ScoreInput
+    documents: StrictStr | Annotated[list[Any], Field(min_length=1)]
+    top_n: Annotated[StrictInt, Field(ge=0)] | None = None
+    stream: Literal[False] | None = None
+
+
+#: The pairs `POST /v1/score` takes (vLLM accepts each): the first side scored against the second.
+SCORE_PAIRS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
+
+
+class ScoreRequest(OpenAIRequest):
+    """`POST /v1/score` body (vLLM's): one pair of sides, e.g. `text_1` and `text_2`."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = _POOLING_MISPLACED
+    text_1: _ScoreInput | None = None
+    text_2: _ScoreInput | None = None
+    data_1: _ScoreInput | None = None
+    data_2: _ScoreInput | None = None
+    queries: _ScoreInput | None = None
+    documents: _ScoreInput | None = None
+    items: _ScoreInput | None = None
+    stream: Literal[False] | None = None
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> ScoreRequest:
+        given = [(a, b) for a, b in SCORE_PAIRS if getattr(self, a) is not None and getattr(self, b) is not None]
+        if not given:
+            raise ValueError("give one pair to score: " + ", ".join(f"{a} and {b}" for a, b in SCORE_PAIRS))
+        return self
 
 
 def _is_union_tag(part: int | str) -> bool:

@@ -45,11 +45,17 @@ SETTLE_ATTEMPTS = 8
 MEDIA_PART_TOKENS = 16_384
 
 
+# Everything of a body that becomes prompt tokens: completions' messages or prompt and what the chat template adds,
+# an embedding's input, and the sides of a rerank or score.
+_PROMPT_FIELDS = ("messages", "prompt", "tools", "functions", "response_format", "input", "query", "documents",
+                  "text_1", "text_2", "data_1", "data_2", "queries", "items")
+
+
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """An upper bound on the prompt's tokens: the bytes as JSON of everything the chat template renders into it
-    (messages or prompt, tools, functions, response format; an embedding's input), plus `MEDIA_PART_TOKENS` per
-    non-text part."""
-    parts = {k: body[k] for k in ("messages", "prompt", "input", "tools", "functions", "response_format") if k in body}
+    (messages or prompt, tools, functions, response format; an embedding's input; a rerank's or score's sides), plus
+    `MEDIA_PART_TOKENS` per non-text part."""
+    parts = {k: body[k] for k in _PROMPT_FIELDS if k in body}
     media = 0
     for msg in body.get("messages") or []:
         content = msg.get("content") if isinstance(msg, dict) else None

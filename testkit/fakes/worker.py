@@ -7,7 +7,8 @@ Build the app with :func:`create_fake_worker`, or run it as a server::
         [--graceful-timeout S] [--timeout-keep-alive S]
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings`` (8-dimensional
-vectors from each text's hash; usage as vLLM's pooling server gives it; only the ``status`` fault), ``GET /v1/models``,
+vectors from each text's hash; usage as vLLM's pooling server gives it; only the ``status`` fault), ``POST /v1/rerank``
+and ``POST /v1/score`` (the cosine of those vectors, vLLM's shapes; ``text_1``/``text_2`` only), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (vLLM-style Prometheus gauges/counters) and the test controls
 ``GET /fake/stats``, ``POST /fake/reset``, ``GET|POST /fake/mode``.
 
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_embeddings, parse_faults
+from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_embeddings, fake_scoring, parse_faults
 from testkit.fakes.worker_stream import CompletionsEndpoint, FakeState, FakeWorkerApp, Outcome
 
 __all__ = ["FakeState", "FakeWorkerApp", "create_fake_worker", "main", "render_metrics"]
@@ -146,9 +148,25 @@ def create_fake_worker(
                       "model": body.get("model", state.model), "data": data,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
+    def scoring(kind: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            state.requests += 1
+            try:
+                body, answer = fake_scoring(kind, await request.body(), state.model, state.base_faults())
+            except FakeRequestError as exc:
+                state.record(Outcome.ERROR)
+                return Response(exc.body(), exc.status, media_type="application/json")
+            state.bodies.append(body)
+            state.prompt_tokens_total += answer["usage"]["prompt_tokens"]
+            state.record(Outcome.COMPLETED)
+            return _json(answer)
+        return endpoint
+
     routes = [
         Route("/v1/chat/completions", CompletionsEndpoint(state, "chat"), methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/rerank", scoring("rerank"), methods=["POST"]),
+        Route("/v1/score", scoring("score"), methods=["POST"]),
         Route("/v1/completions", CompletionsEndpoint(state, "completion"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

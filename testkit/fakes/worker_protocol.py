@@ -146,6 +146,57 @@ EMBEDDING_DIM = 8
 def fake_embeddings(raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], list[list[float]], int]:
     """A `/v1/embeddings` request's body, one deterministic unit vector per input (from the text's hash) and the
     prompt tokens (words + 1 per input); `FakeRequestError` for a bad body, a wrong model or a `status` fault."""
+    body = _pooling_body(raw, model, faults)
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise FakeRequestError(400, "`input` must be a string or a non-empty list of strings", "input")
+    return body, [_unit_vector(t) for t in texts], sum(count_words(t) + 1 for t in texts)
+
+
+def _unit_vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()[:EMBEDDING_DIM]
+    v = [b - 127.5 for b in digest]
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]
+
+
+def _similarity(a: str, b: str) -> float:
+    return sum(x * y for x, y in zip(_unit_vector(a), _unit_vector(b), strict=True))
+
+
+def fake_scoring(kind: str, raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `/v1/rerank` (kind "rerank") or `/v1/score` (kind "score") request's body and vLLM-shaped answer: the
+    cosine of the texts' fake embeddings, prompt tokens = words + 1 per text."""
+    body = _pooling_body(raw, model, faults)
+    if kind == "rerank":
+        query, docs = body.get("query"), body.get("documents")
+        docs = [docs] if isinstance(docs, str) else docs
+        if not isinstance(query, str) or not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+            raise FakeRequestError(400, "`query` must be a string and `documents` strings", "documents")
+        ranked = sorted(range(len(docs)), key=lambda i: -_similarity(query, docs[i]))
+        top = body.get("top_n") or len(docs)
+        tokens = sum(count_words(t) + 1 for t in [query, *docs])
+        results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": _similarity(query, docs[i])}
+                   for i in ranked[:top]]
+        return body, {"id": "rerank-fake", "model": body["model"], "results": results,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    left, right = body.get("text_1"), body.get("text_2")
+    left = [left] if isinstance(left, str) else left
+    right = [right] if isinstance(right, str) else right
+    if not (isinstance(left, list) and isinstance(right, list) and left and right
+            and all(isinstance(t, str) for t in [*left, *right])):
+        raise FakeRequestError(400, "`text_1` and `text_2` must be strings or lists of strings", "text_1")
+    pairs = [(left[0], r) for r in right] if len(left) == 1 else list(zip(left, right, strict=False))
+    tokens = sum(count_words(a) + count_words(b) + 2 for a, b in pairs)
+    data = [{"index": i, "object": "score", "score": _similarity(a, b)} for i, (a, b) in enumerate(pairs)]
+    return body, {"id": "score-fake", "object": "list", "created": int(time.time()), "model": body["model"],
+                  "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
+def _pooling_body(raw: bytes, model: str, faults: Faults) -> dict[str, Any]:
+    """A pooling request's JSON body, checked for its model and the `status` fault."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -157,18 +208,7 @@ def fake_embeddings(raw: bytes, model: str, faults: Faults) -> tuple[dict[str, A
     faults = faults.merged(parse_faults(body.pop("fake", None), "fake"))
     if faults.status is not None:
         raise FakeRequestError(faults.status, "injected failure")
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise FakeRequestError(400, "`input` must be a string or a non-empty list of strings", "input")
-    vectors = []
-    for text in texts:
-        digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()[:EMBEDDING_DIM]
-        v = [b - 127.5 for b in digest]
-        norm = math.sqrt(sum(x * x for x in v)) or 1.0
-        vectors.append([x / norm for x in v])
-    return body, vectors, sum(count_words(t) + 1 for t in texts)
+    return body
 
 
 def prompt_tokens_of(kind: Kind, body: dict[str, Any]) -> int:

@@ -108,3 +108,27 @@ async def test_a_failing_pooling_worker_answers_in_openai_shape(fakes: dict[str,
         finally:
             (await fake.post("/fake/mode", json={})).raise_for_status()
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+
+
+async def test_rerank_and_score_by_model_name(fakes: dict[str, Upstream], embedder: Upstream) -> None:
+    """vLLM's `/v1/rerank` and `/v1/score` relayed like embeddings: by model, priced by input tokens, counted."""
+    async with gateway_in_process(config(fakes, embedder)) as gw:
+        rr = await gw.http.post("/v1/rerank", json={"model": "fake-embed", "query": "capital of France",
+                                                    "documents": ["Paris is the capital", "a recipe", "Lyon"],
+                                                    "top_n": 2})
+        sc = await gw.http.post("/v1/score", json={"model": "embed", "text_1": "a cat", "text_2": ["a dog", "a car"]})
+        bad = [await gw.http.post(path, json=body) for path, body in (
+            ("/v1/rerank", {"model": "fake-embed", "documents": ["x"]}),
+            ("/v1/score", {"model": "fake-embed", "text_1": "x"}),
+            ("/v1/score", {"model": "auto", "text_1": "x", "text_2": "y"}),
+            ("/v1/rerank", {"model": "fake-small", "query": "q", "documents": ["x"]}))]
+        metrics = (await gw.http.get("/metrics")).text
+    assert rr.status_code == 200 and len(rr.json()["results"]) == 2 and rr.headers["x-turnout-model"] == "embed"
+    assert sc.status_code == 200 and [d["index"] for d in sc.json()["data"]] == [0, 1]
+    tokens = rr.json()["usage"]["prompt_tokens"] + sc.json()["usage"]["prompt_tokens"]
+    assert counted(metrics, "turnout_prompt_tokens_total", "fake-embed") == tokens
+    assert counted(metrics, "turnout_cost_usd_total", "fake-embed") == pytest.approx(tokens * PRICE / 1e6, rel=1e-9)
+    assert [r.status_code for r in bad] == [400, 400, 400, 400]
+    assert bad[0].json()["error"]["param"] == "query" and "give one pair" in bad[1].json()["error"]["message"]
+    assert "not routed by a policy" in bad[2].json()["error"]["message"]
+    assert "generation workers" in bad[3].json()["error"]["message"]

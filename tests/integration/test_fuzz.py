@@ -52,11 +52,14 @@ CLIENT_HEADERS = {"authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_KEY}"}
 MAX_BODY = 256 * 1024
 #: Models that reach a worker; the fuzzer's own random names only ever reach the 404.
-MODELS = ["auto", "turnout/cheap", "turnout/split", "small", "big", "fake-small", "fake-big", "fake-embed"]
+MODELS = ["auto", "turnout/cheap", "turnout/split", "small", "big", "fake-small", "fake-big"]
+#: The pooling endpoints answer only the embedding model (the others are a 400 there).
+POOLING = {"/v1/embeddings", "/v1/rerank", "/v1/score"}
+POOLING_MODELS = ["fake-embed", "embed", "fake-small"]
 #: Stored keys made before the fuzz, so that `DELETE /admin/keys/{name}` can also succeed.
 STORED_KEYS = [f"fuzz-stored-{i}" for i in range(8)]
 #: Every operation but `POST /admin/reload` (see `fuzz_schema`).
-FUZZED = 14
+FUZZED = 16
 SEED = 20_240_917
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 
@@ -176,7 +179,9 @@ def fuzz_schema(gateway: str, routed_ids: list[str]) -> OpenApiSchema:
         if not isinstance(body, dict):
             return st.just(body)
         if path != "/v1/feedback" and isinstance(body.get("model"), str) and body["model"]:
-            steer = st.tuples(st.sampled_from([None, *MODELS]), st.sampled_from([None, True]))
+            pooling = path in POOLING  # nothing streams there; the simplest draw (the example's) is the model served
+            steer = st.tuples(st.sampled_from(POOLING_MODELS if pooling else [None, *MODELS]),
+                              st.sampled_from([None] if pooling else [None, True]))
             return steer.map(lambda ms: {**body, **({"model": ms[0]} if ms[0] else {}),
                                          **({"stream": True} if ms[1] and "stream" not in body else {})})
         rid = body.get("request_id")

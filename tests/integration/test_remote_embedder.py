@@ -77,22 +77,33 @@ def config(fakes: dict[str, Upstream], artifact: str, url: str, dim: int) -> dic
 
 
 async def test_embeddings_through_the_gateway_from_the_pooling_worker(pooling: tuple[ManagedProcess, str]) -> None:
-    """`POST /v1/embeddings` relayed to the same server as a worker of kind `pooling` (before the next test kills
-    it): the vectors and token counts are the worker's own, and the cost is its input tokens x the price."""
+    """`POST /v1/embeddings`, `/v1/rerank` and `/v1/score` relayed to the same server as a worker of kind `pooling`
+    (before the next test kills it): the vectors, scores and token counts are the worker's own, and the cost is
+    the input tokens x the price."""
     _, url = pooling
     texts = ["The quick brown fox.", "Combien de protéines par jour ?"]
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("/embeddings", {"model": SERVED, "input": texts}),
+        ("/rerank", {"model": SERVED, "query": "capital of France", "documents": ["Paris is the capital", "a recipe"]}),
+        ("/score", {"model": SERVED, "text_1": "a cat", "text_2": ["a dog", "a car"]})]
     async with httpx.AsyncClient(timeout=60) as worker:
-        direct = (await worker.post(f"{url}/embeddings", json={"model": SERVED, "input": texts})).json()
+        direct = [(await worker.post(f"{url}{path}", json=body)).json() for path, body in calls]
     cfg = {"workers": [{"name": "embed", "model": SERVED, "base_url": url, "kind": "pooling",
                         "price": {"input_per_1m": 0.02, "output_per_1m": 0.0}}]}
     async with gateway_in_process(cfg) as gw:
         got = await gw.client.embeddings.create(model=SERVED, input=texts)
+        via = [(await gw.http.post(f"/v1{path}", json=body)).json() for path, body in calls[1:]]
         metrics = (await gw.http.get("/metrics")).text
-    assert got.usage.prompt_tokens == direct["usage"]["prompt_tokens"] > 0
-    for mine, theirs in zip(got.data, direct["data"], strict=True):
+    assert got.usage.prompt_tokens == direct[0]["usage"]["prompt_tokens"] > 0
+    for mine, theirs in zip(got.data, direct[0]["data"], strict=True):
         assert len(mine.embedding) == 640 and np.allclose(mine.embedding, theirs["embedding"], atol=1e-6)
+    assert [r["relevance_score"] for r in via[0]["results"]] == pytest.approx(
+        [r["relevance_score"] for r in direct[1]["results"]], abs=1e-6)
+    assert [d["score"] for d in via[1]["data"]] == pytest.approx([d["score"] for d in direct[2]["data"]], abs=1e-6)
+    tokens = sum(d["usage"]["prompt_tokens"] for d in direct)
+    assert [v["usage"]["prompt_tokens"] for v in via] == [d["usage"]["prompt_tokens"] for d in direct[1:]]
     cost = next(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("turnout_cost_usd_total{"))
-    assert cost == pytest.approx(direct["usage"]["prompt_tokens"] * 0.02 / 1e6, rel=1e-9)
+    assert cost == pytest.approx(tokens * 0.02 / 1e6, rel=1e-9)
 
 
 async def test_live_routing_through_a_pooling_worker_and_its_failure(
