@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_embeddings, fake_scoring, parse_faults
+from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_pooling, parse_faults
 from testkit.fakes.worker_stream import CompletionsEndpoint, FakeState, FakeWorkerApp, Outcome
 
 __all__ = ["FakeState", "FakeWorkerApp", "create_fake_worker", "main", "render_metrics"]
@@ -133,26 +133,11 @@ def create_fake_worker(
                 return Response(exc.body(), exc.status, media_type="application/json")
         return _json(state.mode)
 
-    async def embeddings(request: Request) -> Response:
-        state.requests += 1
-        try:
-            body, vectors, tokens = fake_embeddings(await request.body(), state.model, state.base_faults())
-        except FakeRequestError as exc:
-            state.record(Outcome.ERROR)
-            return Response(exc.body(), exc.status, media_type="application/json")
-        state.bodies.append(body)
-        state.prompt_tokens_total += tokens
-        state.record(Outcome.COMPLETED)
-        data = [{"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vectors)]
-        return _json({"id": f"embd-{state.requests}", "object": "list", "created": int(time.time()),
-                      "model": body.get("model", state.model), "data": data,
-                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
-
-    def scoring(kind: str) -> Callable[[Request], Awaitable[Response]]:
+    def pooling(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             state.requests += 1
             try:
-                body, answer = fake_scoring(kind, await request.body(), state.model, state.base_faults())
+                body, answer = fake_pooling(kind, await request.body(), state.model, state.base_faults())
             except FakeRequestError as exc:
                 state.record(Outcome.ERROR)
                 return Response(exc.body(), exc.status, media_type="application/json")
@@ -164,9 +149,9 @@ def create_fake_worker(
 
     routes = [
         Route("/v1/chat/completions", CompletionsEndpoint(state, "chat"), methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/rerank", scoring("rerank"), methods=["POST"]),
-        Route("/v1/score", scoring("score"), methods=["POST"]),
+        Route("/v1/embeddings", pooling("embeddings"), methods=["POST"]),
+        Route("/v1/rerank", pooling("rerank"), methods=["POST"]),
+        Route("/v1/score", pooling("score"), methods=["POST"]),
         Route("/v1/completions", CompletionsEndpoint(state, "completion"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -143,16 +143,24 @@ def _content_words(content: object) -> int:
 EMBEDDING_DIM = 8
 
 
-def fake_embeddings(raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], list[list[float]], int]:
-    """A `/v1/embeddings` request's body, one deterministic unit vector per input (from the text's hash) and the
-    prompt tokens (words + 1 per input); `FakeRequestError` for a bad body, a wrong model or a `status` fault."""
+def fake_pooling(kind: str, raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A pooling request's body and vLLM-shaped answer: `/v1/embeddings` (kind "embeddings"), `/v1/rerank` or
+    `/v1/score`; `FakeRequestError` for a bad body, a wrong model or a `status` fault."""
     body = _pooling_body(raw, model, faults)
+    return body, (_embeddings(body) if kind == "embeddings" else _scoring(kind, body))
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    """One deterministic unit vector per input (from the text's hash); prompt tokens = words + 1 per input."""
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise FakeRequestError(400, "`input` must be a string or a non-empty list of strings", "input")
-    return body, [_unit_vector(t) for t in texts], sum(count_words(t) + 1 for t in texts)
+    tokens = sum(count_words(t) + 1 for t in texts)
+    data = [{"index": i, "object": "embedding", "embedding": _unit_vector(t)} for i, t in enumerate(texts)]
+    return {"id": "embd-fake", "object": "list", "created": int(time.time()), "model": body["model"], "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
 
 def _unit_vector(text: str) -> list[float]:
@@ -166,10 +174,9 @@ def _similarity(a: str, b: str) -> float:
     return sum(x * y for x, y in zip(_unit_vector(a), _unit_vector(b), strict=True))
 
 
-def fake_scoring(kind: str, raw: bytes, model: str, faults: Faults) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A `/v1/rerank` (kind "rerank") or `/v1/score` (kind "score") request's body and vLLM-shaped answer: the
-    cosine of the texts' fake embeddings, prompt tokens = words + 1 per text."""
-    body = _pooling_body(raw, model, faults)
+def _scoring(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`/v1/rerank` (kind "rerank") or `/v1/score`: the cosine of the texts' fake embeddings, prompt tokens = words
+    + 1 per text."""
     if kind == "rerank":
         query, docs = body.get("query"), body.get("documents")
         docs = [docs] if isinstance(docs, str) else docs
@@ -180,8 +187,8 @@ def fake_scoring(kind: str, raw: bytes, model: str, faults: Faults) -> tuple[dic
         tokens = sum(count_words(t) + 1 for t in [query, *docs])
         results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": _similarity(query, docs[i])}
                    for i in ranked[:top]]
-        return body, {"id": "rerank-fake", "model": body["model"], "results": results,
-                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {"id": "rerank-fake", "model": body["model"], "results": results,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     left, right = body.get("text_1"), body.get("text_2")
     left = [left] if isinstance(left, str) else left
     right = [right] if isinstance(right, str) else right
@@ -191,8 +198,8 @@ def fake_scoring(kind: str, raw: bytes, model: str, faults: Faults) -> tuple[dic
     pairs = [(left[0], r) for r in right] if len(left) == 1 else list(zip(left, right, strict=False))
     tokens = sum(count_words(a) + count_words(b) + 2 for a, b in pairs)
     data = [{"index": i, "object": "score", "score": _similarity(a, b)} for i, (a, b) in enumerate(pairs)]
-    return body, {"id": "score-fake", "object": "list", "created": int(time.time()), "model": body["model"],
-                  "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+    return {"id": "score-fake", "object": "list", "created": int(time.time()), "model": body["model"],
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
 
 def _pooling_body(raw: bytes, model: str, faults: Faults) -> dict[str, Any]:
