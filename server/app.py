@@ -22,7 +22,16 @@ from threadpoolctl import threadpool_limits
 from routers.embedding.base import Embedder
 from server.api import openapi as doc
 from server.api.admin import handle_keys, handle_reload, handle_revoke, reload_and_log
-from server.api.completions import handle_chat, handle_embeddings, handle_rerank, handle_score, handle_text
+from server.api.completions import (
+    handle_chat,
+    handle_count_tokens,
+    handle_embeddings,
+    handle_messages,
+    handle_rerank,
+    handle_responses,
+    handle_score,
+    handle_text,
+)
 from server.api.explain import handle_route
 from server.api.feedback import handle_feedback
 from server.api.middleware import RequestIdMiddleware
@@ -34,6 +43,7 @@ from server.api.probes import (
     handle_status,
     handle_ui,
 )
+from server.api.stored_responses import handle_cancel_response, handle_get_response
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
 from server.gateway import GatewayState
@@ -62,6 +72,20 @@ ROUTES = (
           {"openapi_extra": doc.CHAT_BODY, "responses": doc.CHAT_RESPONSES}),
     Route("POST", "/v1/completions", "completions", handle_text, "Create a text completion (OpenAI protocol)",
           {"openapi_extra": doc.COMPLETION_BODY, "responses": doc.COMPLETION_RESPONSES}),
+    Route("POST", "/v1/responses", "responses", handle_responses,
+          "Create a response (OpenAI Responses API); a follow-up goes to the worker holding its conversation",
+          {"openapi_extra": doc.RESPONSES_BODY, "responses": doc.RESPONSES_RESPONSES}),
+    Route("GET", "/v1/responses/{response_id}", "get_response", handle_get_response,
+          "Retrieve a stored response from the worker that made it (OpenAI Responses API)",
+          {"openapi_extra": doc.RESPONSE_ID_PARAM, "responses": doc.STORED_RESPONSE_RESPONSES}),
+    Route("POST", "/v1/responses/{response_id}/cancel", "cancel_response", handle_cancel_response,
+          "Cancel a response on the worker that made it (OpenAI Responses API)",
+          {"openapi_extra": doc.RESPONSE_ID_PARAM, "responses": doc.STORED_RESPONSE_RESPONSES}),
+    Route("POST", "/v1/messages", "messages", handle_messages, "Create a message (Anthropic Messages API)",
+          {"openapi_extra": doc.MESSAGES_BODY, "responses": doc.MESSAGES_RESPONSES}),
+    Route("POST", "/v1/messages/count_tokens", "count_tokens", handle_count_tokens,
+          "Count a message's prompt tokens (Anthropic Messages API)",
+          {"openapi_extra": doc.COUNT_TOKENS_BODY, "responses": doc.COUNT_TOKENS_RESPONSES}),
     Route("POST", "/v1/embeddings", "embeddings", handle_embeddings,
           "Create embeddings with the embedding model named (a pooling worker; OpenAI protocol)",
           {"openapi_extra": doc.EMBEDDINGS_BODY, "responses": doc.EMBEDDINGS_RESPONSES}),

@@ -88,10 +88,6 @@ class GatewayError(Exception):
             return {"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def sse_event(self) -> bytes:
-        """The error as a final server-sent event, for failures after a stream has started."""
-        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
-
 
 def internal_error() -> GatewayError:
     """500: a bug in the gateway (its traceback goes to the gateway's log, never to the client)."""

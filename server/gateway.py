@@ -35,6 +35,7 @@ from server.telemetry.status import StatusBook
 from server.upstream.client import make_client
 from server.upstream.forward import Forwarder
 from server.upstream.load import LoadMonitor
+from server.upstream.owners import ResponseOwners
 from server.upstream.resilience import BreakerState
 from server.upstream.workers import HealthMonitor, Worker, WorkerRegistry
 
@@ -74,6 +75,7 @@ class GatewayState:
         self.feedback = FeedbackBook(self.guard, srv.feedback_ttl_s)
         self.bandit_sync = BanditSync(self.guard, config.state.sync_interval_s, lambda: self.live.table.routers)
         self.affinity = AffinityStore(self.guard)
+        self.response_owners = ResponseOwners(self.guard)
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False

@@ -1,10 +1,13 @@
-"""The request pipeline of `POST /v1/chat/completions`, `POST /v1/completions`, and the pooling endpoints
-`/v1/embeddings`, `/v1/rerank` and `/v1/score`: read and validate the body, authenticate, admit (limits and the
-budget's hold), route (a pooling request goes to the pooling worker its model names), forward (retries and
-fallbacks), respond. The request's `RequestLife` ends it, streaming or not (`server.api.lifecycle`)."""
+"""The request pipeline of every API relayed to workers: OpenAI's chat and text completions and Responses,
+Anthropic's Messages (and its token count), and the pooling endpoints `/v1/embeddings`, `/v1/rerank` and
+`/v1/score`. Read and validate the body, authenticate, admit (limits and the budget's hold), route (a pooling
+request goes to the pooling worker its model names; a Responses follow-up to the worker holding its conversation),
+forward (retries and fallbacks), respond. The request's `RequestLife` ends it, streaming or not
+(`server.api.lifecycle`). Errors take the shape of the endpoint's API (`Endpoint.dialect`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,13 +24,17 @@ from server.api.prompts import prompt_text
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     EmbeddingRequest,
+    MessagesRequest,
     OpenAIRequest,
     RerankRequest,
+    ResponsesRequest,
     ScoreRequest,
     validate_body,
 )
-from server.errors import GatewayError, bad_request, error_response, internal_error
+from server.api.stored_responses import follow_up_failure, owner_of, remember_owner
+from server.errors import Dialect, GatewayError, bad_request, error_response, internal_error
 from server.gateway import GatewayState
 from server.outcome import Outcome
 from server.policy.selection import (
@@ -39,37 +46,58 @@ from server.policy.selection import (
     select,
 )
 from server.policy.table import POLICY_HEADER
-from server.quota.admission import admit, bound_answer, check_access, keep_within_hold, within_budget
+from server.quota.admission import (
+    COMPLETION_LENGTH,
+    Bounds,
+    admit,
+    bound_answer,
+    check_access,
+    keep_within_hold,
+    within_budget,
+)
 from server.quota.keys import KeyRecord
-from server.quota.keystore import authenticate
+from server.quota.keystore import authenticate, presented_key
 from server.snapshot import Live
 from server.telemetry.record import Exchange
 from server.upstream.forward import Call
+from server.upstream.shapes import CHAT, MESSAGES, RESPONSES, StreamShape
 
 log = logging.getLogger("turnout.completions")
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A completion endpoint: the worker's path and the schema its body is validated with."""
+    """An endpoint relayed to workers: the worker's path, the schema its body is validated with, and how its API
+    differs: pooling (named directly, never by a policy), the fields bounding its answer's length (none: it
+    generates nothing), its stream's shape, and the API whose error shape its clients read."""
 
-    kind: str  # "chat", "completions", "embeddings", "rerank" or "score": the request log's `endpoint`
+    kind: str  # the request log's `endpoint`: "chat", "completions", "responses", "messages", "embeddings", ...
     path: str
     schema: type[OpenAIRequest]
-    pooling: bool = False  # served by pooling workers, named directly (never by a policy)
+    pooling: bool = False
+    length_fields: tuple[str, ...] = COMPLETION_LENGTH
+    shape: StreamShape = CHAT
+    dialect: Dialect = "openai"
+    metered: bool = True  # False: the answer costs nothing (counting tokens generates none and is free)
 
 
-CHAT = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
+CHAT_EP = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
 COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest)
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True)
-RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True)
-SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True)
+RESPONSES_EP = Endpoint("responses", "/responses", ResponsesRequest, length_fields=("max_output_tokens",),
+                        shape=RESPONSES)
+MESSAGES_EP = Endpoint("messages", "/messages", MessagesRequest, length_fields=("max_tokens",), shape=MESSAGES,
+                       dialect="anthropic")
+COUNT_TOKENS = Endpoint("count_tokens", "/messages/count_tokens", CountTokensRequest, length_fields=(),
+                        dialect="anthropic", metered=False)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True, length_fields=())
+RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True, length_fields=())
+SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True, length_fields=())
 
 
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
     """What routing needs from a validated request: the text a policy reads (the last user message; see
     `prompt_text`), the per-request routing choices, and the session for affinity."""
-    session = request.headers.get(SESSION_HEADER) or req.user
+    session = request.headers.get(SESSION_HEADER) or req.session()
     return RouteInput(model=req.model, text=prompt_text(body), options=req.turnout,
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
@@ -85,11 +113,14 @@ async def handle_completion(endpoint: Endpoint, request: Request, gw: GatewaySta
         return life.respond_empty(499)
     except GatewayError as err:
         ex.status, ex.http_status, ex.error = err.outcome, err.status, err.log_message()
+        err.dialect = endpoint.dialect
         return life.respond_error(error_response(err, ex.headers()))
     except Exception:
         log.exception("request %s failed in the gateway", ex.request_id)
         ex.status, ex.http_status, ex.error = Outcome.INTERNAL_ERROR, 500, "internal error (see the gateway's log)"
-        return life.respond_error(error_response(internal_error(), ex.headers()))
+        bug = internal_error()
+        bug.dialect = endpoint.dialect
+        return life.respond_error(error_response(bug, ex.headers()))
     except BaseException:  # cancelled before any response: the request still ends, once
         await life.end()
         raise
@@ -106,32 +137,50 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     ex.stream = bool(req.stream)
     ex.reference_price = live.config.reference[1]
     if srv.log_prompts:
-        ex.prompt_log = body.get("messages") if endpoint.kind == "chat" else body.get("prompt")
+        ex.prompt_log = next((body[f] for f in ("messages", "prompt", "input") if f in body), None)
         ex.completion_parts = []
     body.pop("turnout", None)  # the gateway's own field; workers never see it
     inp = route_input(request, body, req)
-    key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+    key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
+    bounds = Bounds(endpoint.length_fields)
+    follow_up = body.get("previous_response_id") if endpoint is RESPONSES_EP else None
+    if follow_up is not None:  # the conversation lives in one worker's memory: it goes there, whatever the model
+        worker, owner = await owner_of(gw, live, key, follow_up)
+        inp = dataclasses.replace(inp, model=worker.name, options=None, header_policy=None)
+        bounds = Bounds(endpoint.length_fields, carried_tokens=owner.tokens)
     if live.table.policy_for(inp.model, explicit_policy(inp)) is None:
         check_worker_kind(live, inp.model, endpoint)
     elif endpoint.pooling:
         raise bad_request(f"/v1{endpoint.path} is not routed by a policy: name an embedding or scoring model (a "
                           f"worker of kind 'pooling'), not '{inp.model}'.", "model")
     if key is not None:
-        inp = await _admit(gw, live, key, inp, body, life, bound=not endpoint.pooling)
+        inp = await _admit(gw, live, key, inp, body, life, bounds)
     selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
     life.routed(selection)
-    call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body)
-    if ex.stream:
+    call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body,
+                shape=endpoint.shape)
+    if ex.stream and endpoint.shape is CHAT:
         client_opts = body.get("stream_options") or {}
         call.wants_usage = bool(client_opts.get("include_usage"))
         # Always ask for usage, for accounting; the usage chunk is relayed only if the client asked.
         body["stream_options"] = {**client_opts, "include_usage": True}
+    remembers = endpoint is RESPONSES_EP and body.get("store") is not False
+    if remembers:
+        call.on_response_id = remember_owner(gw, live, ex)
     if life.admission is not None:
         call.targets = keep_within_hold(gw.limits, life.admission, call.targets, gw.spawn)
-    result = await until_disconnect(request, gw.forwarder.send(live.registry, call, ex))
+    try:
+        result = await until_disconnect(request, gw.forwarder.send(live.registry, call, ex))
+    except GatewayError as err:
+        raise err if follow_up is None else follow_up_failure(err, follow_up, inp.model) from None
     if result is None:
         ex.status, ex.http_status = Outcome.CLIENT_DISCONNECT, 499
         return life.respond_empty(499)  # nobody is listening any more
+    if not endpoint.metered:
+        ex.set_usage({"input_tokens": 0, "output_tokens": 0}, None)
+        ex.cost_usd = 0.0
+    if remembers and ex.response_id is not None and call.on_response_id is not None and not ex.stream:
+        await call.on_response_id(ex.response_id)
     return life.respond(result)
 
 
@@ -148,18 +197,17 @@ def check_worker_kind(live: Live, model: str, endpoint: Endpoint) -> None:
 
 
 async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
-                 life: RequestLife, *, bound: bool = True) -> RouteInput:
+                 life: RequestLife, bounds: Bounds) -> RouteInput:
     """A keyed request's admission: what it may use (403), its limits and budget hold (429); routing then keeps
-    within what the hold covers. `bound`: give the answer a max_tokens when the key needs one (not for embeddings,
-    which generate nothing)."""
+    within what the hold covers. `bounds`: how the request's worst case is read (the answer gets a length bound
+    when the key needs one)."""
     check_access(key, live.table.policy_for(inp.model, explicit_policy(inp)), inp.model)
-    if bound:
-        bound_answer(key, body, live.config.server.default_max_tokens)
+    bound_answer(key, body, live.config.server.default_max_tokens, bounds)
     prices = {}
     if key.config.budget_usd is not None:
         prices = {t: live.registry.resolve(t)[0].config.price
                   for t in candidate_targets(live.table, live.registry, inp)}
-    adm = await admit(gw.limits, key, body, prices)
+    adm = await admit(gw.limits, key, body, prices, bounds)
     life.hold(adm)
     life.ex.key = key.name
     return within_budget(inp, adm)
@@ -167,7 +215,7 @@ async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, 
 
 async def handle_chat(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/chat/completions`."""
-    return await handle_completion(CHAT, request, gw)
+    return await handle_completion(CHAT_EP, request, gw)
 
 
 async def handle_text(request: Request, gw: GatewayState) -> Response:
@@ -188,3 +236,18 @@ async def handle_rerank(request: Request, gw: GatewayState) -> Response:
 async def handle_score(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/score`."""
     return await handle_completion(SCORE, request, gw)
+
+
+async def handle_responses(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/responses`."""
+    return await handle_completion(RESPONSES_EP, request, gw)
+
+
+async def handle_messages(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/messages`."""
+    return await handle_completion(MESSAGES_EP, request, gw)
+
+
+async def handle_count_tokens(request: Request, gw: GatewayState) -> Response:
+    """`POST /v1/messages/count_tokens`."""
+    return await handle_completion(COUNT_TOKENS, request, gw)

@@ -18,7 +18,7 @@ from server.errors import GatewayError, error_response
 from server.gateway import GatewayState
 from server.policy.selection import explicit_policy, select
 from server.quota.keys import forbidden
-from server.quota.keystore import authenticate
+from server.quota.keystore import authenticate, presented_key
 
 
 def decisionjson_response(d: RoutingDecision) -> dict[str, Any]:
@@ -36,7 +36,7 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
     live = gw.live
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
-        key = await authenticate(live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+        key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
         body = decode_json(await read_body(request, live.config.server.max_body_bytes))
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)

@@ -13,7 +13,7 @@ from server.api.protocol import invalid_body
 from server.api.responses import json_response
 from server.errors import GatewayError, error_response
 from server.gateway import GatewayState
-from server.quota.keystore import authenticate
+from server.quota.keystore import authenticate, presented_key
 
 
 class FeedbackBody(BaseModel):
@@ -29,7 +29,7 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/feedback {request_id, score}`: 200 accepted (or ignored as a repeat), 404 for an id not
     routed here or too long ago, 400 for a bad body."""
     try:
-        await authenticate(gw.live.keys, gw.guard, gw.stored_keys, request.headers.get("authorization"))
+        await authenticate(gw.live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
         raw = decode_json(await read_body(request, 64 * 1024))
         try:
             fb = FeedbackBody.model_validate(raw)

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from server.api.feedback import FeedbackBody
 from server.api.openapi_models import (
     SSE_EVENT,
+    SSE_NAMED_EVENT,
     Alive,
+    AnthropicErrorResponse,
     ChatCompletion,
     ConfigErrorResponse,
     EmbeddingList,
@@ -25,20 +27,26 @@ from server.api.openapi_models import (
     FeedbackResult,
     KeyCreated,
     KeyRevoked,
+    MessageObject,
     ModelList,
     Readiness,
     Reloaded,
     RerankList,
+    ResponseObject,
     RouteExplanation,
     ScoreList,
     StatusSnapshot,
     TextCompletion,
+    TokenCount,
 )
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     EmbeddingRequest,
+    MessagesRequest,
     RerankRequest,
+    ResponsesRequest,
     ScoreRequest,
 )
 from server.config import KeyConfig
@@ -96,7 +104,8 @@ _ERRORS: dict[int | str, str] = {
     401: "Missing or unknown key (client keys when `auth.enabled`; the admin key on `/admin`).",
     403: "The key may not use this policy or model; or the admin endpoints are disabled.",
     404: "Not found (model, policy, key or request id; see `code`).",
-    409: "A key with this name exists.",
+    409: "A key with this name exists (admin); or the one worker holding a stored response cannot be reached "
+         "(Responses API).",
     413: "The body is larger than the limit.",
     429: "The key is over its requests or tokens per minute, or its budget (`Retry-After`).",
     500: "A bug in the gateway (never expected); no details.",
@@ -109,13 +118,15 @@ _ERRORS: dict[int | str, str] = {
 }
 
 
-def _error(status: int | str, headers: JSON) -> JSON:
-    return {"model": ErrorResponse, "description": _ERRORS[status], "headers": headers}
+def _error(status: int | str, headers: JSON, model: type[BaseModel]) -> JSON:
+    return {"model": model, "description": _ERRORS[status], "headers": headers}
 
 
-def errors(*statuses: int | str, headers: JSON = REQUEST_ID_HEADER) -> Responses:
-    """The error answers of an operation, and 500, which any route answers on a bug."""
-    return {**{s: _error(s, headers) for s in statuses}, 500: _error(500, REQUEST_ID_HEADER)}
+def errors(*statuses: int | str, headers: JSON = REQUEST_ID_HEADER,
+           model: type[BaseModel] = ErrorResponse) -> Responses:
+    """The error answers of an operation, and 500, which any route answers on a bug; `model`: the error shape
+    of the operation's API (OpenAI's, or Anthropic's on its paths)."""
+    return {**{s: _error(s, headers, model) for s in statuses}, 500: _error(500, REQUEST_ID_HEADER, model)}
 
 
 def ok(model: type[BaseModel], description: str, status: int = 200) -> Responses:
@@ -123,16 +134,19 @@ def ok(model: type[BaseModel], description: str, status: int = 200) -> Responses
     return {status: {"model": model, "description": description, "headers": REQUEST_ID_HEADER}}
 
 
-def _completion(model: type[BaseModel], what: str) -> Responses:
+def _completion(model: type[BaseModel], what: str, stream: str = "its chunks as server-sent events, ending with "
+                "`data: [DONE]`", *, events: JSON = SSE_EVENT, error: type[BaseModel] = ErrorResponse,
+                more_errors: tuple[int, ...] = ()) -> Responses:
     return {
         200: {
             "model": model,
             "description": f"The worker's {what} as it answered it (`application/json`), or with `\"stream\": true` "
-                           "its chunks as server-sent events, ending with `data: [DONE]`.",
+                           f"{stream}.",
             "headers": ROUTING_HEADERS,
-            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+            "content": {"text/event-stream": {"schema": events}},
         },
-        **errors(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS),
+        **errors(400, 401, 403, 404, *more_errors, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS,
+                 model=error),
         499: {"description": "The client went away before the answer (logged and counted; nobody receives it).",
               "headers": ROUTING_HEADERS},
     }
@@ -144,6 +158,35 @@ CHAT_BODY = json_body(inline_schema(ChatCompletionRequest), CHAT_EXAMPLE)
 CHAT_RESPONSES = _completion(ChatCompletion, "`chat.completion`")
 COMPLETION_BODY = json_body(inline_schema(CompletionRequest), {"model": "auto", "prompt": "Once", "max_tokens": 8})
 COMPLETION_RESPONSES = _completion(TextCompletion, "`text_completion`")
+
+RESPONSES_BODY = json_body(inline_schema(ResponsesRequest),
+                           {"model": "auto", "input": "Say hello.", "max_output_tokens": 16})
+RESPONSES_RESPONSES = _completion(
+    ResponseObject, "`response`", "its events as server-sent events (`response.created` ... `response.completed`; a "
+    "failure after the start ends with an `error` event)", events=SSE_NAMED_EVENT, more_errors=(409,))
+MESSAGES_BODY = json_body(inline_schema(MessagesRequest),
+                          {"model": "auto", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello."}]})
+MESSAGES_RESPONSES = _completion(
+    MessageObject, "`message`", "its events as server-sent events (`message_start` ... `message_stop`; a failure "
+    "after the start ends with an `error` event)", events=SSE_NAMED_EVENT, error=AnthropicErrorResponse)
+COUNT_TOKENS_BODY = json_body(inline_schema(CountTokensRequest),
+                              {"model": "auto", "messages": [{"role": "user", "content": "Say hello."}]})
+COUNT_TOKENS_RESPONSES: Responses = {
+    200: {"model": TokenCount, "description": "The prompt's tokens, as the worker the request would go to counts "
+          "them (free: no budget is spent).", "headers": ROUTING_HEADERS},
+    **errors(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", headers=ROUTING_HEADERS,
+             model=AnthropicErrorResponse),
+    499: {"description": "The client went away before the answer.", "headers": ROUTING_HEADERS},
+}
+#: The path parameter of `GET /v1/responses/{response_id}` and its cancel.
+RESPONSE_ID_PARAM: JSON = {"parameters": [{"name": "response_id", "in": "path", "required": True,
+                                           "description": "A response's id, as `POST /v1/responses` answered it.",
+                                           "schema": {"type": "string", "minLength": 1}}]}
+STORED_RESPONSE_RESPONSES: Responses = {
+    **ok(ResponseObject, "The response, from the worker that made it."),
+    **errors(400, 401, 404, 409, 502, 503, "4XX"),
+}
+
 
 def _pooling(model: type[BaseModel], what: str) -> Responses:
     return {

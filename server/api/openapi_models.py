@@ -7,7 +7,7 @@ noticed by the fuzz test; a worker's completion is passed through as it is, so i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import SkipJsonSchema
@@ -32,6 +32,24 @@ class ErrorResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    """Anthropic's error object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error on Anthropic's paths (`/v1/messages...`): `{"type": "error", "error": {"type", "message"}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 class ConfigErrorDetail(ErrorDetail):
@@ -156,9 +174,64 @@ class ScoreList(_Open):
     usage: Usage | SkipJsonSchema[None] = None
 
 
-#: One server-sent event of a stream, as a client's SSE parser sees it. The gateway relays the worker's
-#: `data:` lines (JSON chunks, then `[DONE]`; a failure after the start is a final `{"error": ...}` event)
-#: and never names events, so every event is a plain message.
+class ResponsesUsage(_Open):
+    """A Responses API answer's token counts."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class ResponseObject(_Open):
+    """`object: response`, as vLLM and OpenAI answer the Responses API."""
+
+    id: str
+    object: Literal["response"]
+    model: str
+    status: str | None = None
+    output: list[dict[str, Any]]
+    usage: ResponsesUsage | SkipJsonSchema[None] = None
+
+
+class MessagesUsage(_Open):
+    """A Messages API answer's token counts."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class MessageObject(_Open):
+    """`type: message`, as vLLM and Anthropic answer the Messages API."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None = None
+    usage: MessagesUsage
+
+
+class TokenCount(_Open):
+    """`POST /v1/messages/count_tokens`: the prompt's tokens."""
+
+    input_tokens: int
+
+
+#: One server-sent event of the Responses or Messages API: named (`event: response.output_text.delta`,
+#: `event: message_start`, ...), its data a JSON object; a failure after the start is an `error` event.
+SSE_NAMED_EVENT: dict[str, object] = {
+    "type": "object",
+    "required": ["data", "event"],
+    "properties": {
+        "event": {"type": "string", "description": "The event's type, as its data's `type` says it."},
+        "data": {"type": "string", "description": "A JSON object."},
+    },
+}
+
+#: One server-sent event of a chat or text completion stream, as a client's SSE parser sees it. The gateway relays
+#: the worker's `data:` lines (JSON chunks, then `[DONE]`; a failure after the start is a final `{"error": ...}`
+#: event), which are never named, so every event is a plain message.
 SSE_EVENT: dict[str, object] = {
     "type": "object",
     "required": ["data", "event"],

@@ -83,6 +83,10 @@ class OpenAIRequest(_Open):
     #: Fields that belong to the other endpoint, refused by name (see `CompletionRequest`).
     misplaced: ClassVar[dict[str, str]] = {}
 
+    def session(self) -> str | None:
+        """The session affinity keeps (unless the session header names one): the client's `user`."""
+        return self.user
+
 
 class ChatCompletionRequest(OpenAIRequest):
     """`POST /v1/chat/completions` body."""
@@ -156,6 +160,65 @@ class ScoreRequest(OpenAIRequest):
         if not given:
             raise ValueError("give one pair to score: " + ", ".join(f"{a} and {b}" for a, b in SCORE_PAIRS))
         return self
+
+
+class ResponseInputItem(_Open):
+    """One item of a Responses request's `input`: a message (role and content, a string or parts), or another
+    item type the worker understands (a tool call's output, ...)."""
+
+    type: StrictStr | None = None
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: StrictStr | list[TextPart] | None = None
+
+
+class ResponsesRequest(OpenAIRequest):
+    """`POST /v1/responses` body (OpenAI's Responses API). A request naming `previous_response_id` goes to the
+    worker that holds that response, whatever the model says."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+    misplaced: ClassVar[dict[str, str]] = {"messages": "a Responses request takes 'input'; 'messages' is for "
+                                                       "/v1/chat/completions and /v1/messages."}
+    input: StrictStr | Annotated[list[ResponseInputItem], Field(min_length=1)]
+    instructions: StrictStr | None = None
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    previous_response_id: Annotated[StrictStr, Field(min_length=1)] | None = None
+    store: StrictBool | None = None
+    background: Literal[False] | None = None  # background responses poll one worker's memory: not relayed
+
+
+class AnthropicMessage(_Open):
+    """A message of Anthropic's Messages API: the role and a string or content blocks."""
+
+    role: Literal["user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+
+class AnthropicMetadata(_Open):
+    """`metadata`: Anthropic's `user_id` is the conversation's session for affinity."""
+
+    user_id: StrictStr | None = None
+
+
+class MessagesRequest(OpenAIRequest):
+    """`POST /v1/messages` body (Anthropic's Messages API, which vLLM serves)."""
+
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)]
+    system: StrictStr | list[TextPart] | None = None
+    metadata: AnthropicMetadata | None = None
+    stop_sequences: list[StrictStr] | None = None
+
+    def session(self) -> str | None:
+        """The session affinity keeps: Anthropic's `metadata.user_id`."""
+        return self.metadata.user_id if self.metadata is not None else None
+
+
+class CountTokensRequest(OpenAIRequest):
+    """`POST /v1/messages/count_tokens` body: what `/v1/messages` would take, without generating."""
+
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
+    system: StrictStr | list[TextPart] | None = None
+    stream: Literal[False] | None = None
 
 
 def _is_union_tag(part: int | str) -> bool:

@@ -142,6 +142,9 @@ class ServerConfig(_Model):
     # Feedback (`POST /v1/feedback`) is accepted for this long after a request, for this many requests.
     feedback_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     feedback_max_requests: Annotated[int, Field(ge=1)] = 100_000
+    # How long the gateway remembers which worker made a Responses API response (a follow-up naming it by
+    # `previous_response_id`, a GET or a cancel must reach that worker, which keeps responses in its memory).
+    response_owner_ttl_s: Annotated[float, Field(gt=0)] = 7 * 86400.0
     # The environment variable holding the key of `POST /admin/reload`; unset = admin endpoints disabled.
     admin_key_env: str = Field(default="TURNOUT_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # When the chosen model fails before its first byte (unreachable, timeout, 5xx), try up to this many of the

@@ -28,23 +28,40 @@ def check_access(key: KeyRecord, policy: str | None, model: str) -> None:
         raise forbidden(f"Key '{key.name}' may not call '{model}' directly.", "model")
 
 
-def bound_answer(key: KeyRecord, body: dict[str, Any], default_max_tokens: int) -> None:
+#: The fields that bound the answer's length on chat and text completions (engines differ on which wins).
+COMPLETION_LENGTH = ("max_tokens", "max_completion_tokens")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounds:
+    """How a request's worst case is read: the body fields the worker honours as the answer's length bound
+    (empty: it generates nothing, as an embedding), and the prompt tokens it carries along that are not in its
+    body (a Responses follow-up continues a conversation the worker keeps)."""
+
+    length_fields: tuple[str, ...] = COMPLETION_LENGTH
+    carried_tokens: int = 0
+
+
+def bound_answer(key: KeyRecord, body: dict[str, Any], default_max_tokens: int, bounds: Bounds) -> None:
     """Give the answer a length bound when the key has a budget or a token limit and the client set none:
-    a worst case needs one, or a request could spend past the budget."""
+    a worst case needs one, or a request could spend past the budget. The bound goes in the endpoint's own
+    field (`max_output_tokens` on the Responses API)."""
     c = key.config
-    if (c.budget_usd is not None or c.tokens_per_minute is not None) and not (
-            body.get("max_tokens") or body.get("max_completion_tokens")):
-        body["max_tokens"] = default_max_tokens
+    if not bounds.length_fields or (c.budget_usd is None and c.tokens_per_minute is None):
+        return
+    if not any(body.get(f) for f in bounds.length_fields):
+        body[bounds.length_fields[0]] = default_max_tokens
 
 
-async def admit(limits: Limits, key: KeyRecord, body: dict[str, Any], prices: Mapping[str, Price]) -> Admission:
+async def admit(limits: Limits, key: KeyRecord, body: dict[str, Any], prices: Mapping[str, Price],
+                bounds: Bounds = Bounds()) -> Admission:
     """Count the request against the key's per-minute limits and hold its worst-case cost against its budget
     (429 past either). `prices`: each candidate target's price, whose worst cases the hold must cover."""
     worst: dict[str, float] = {}
     if key.config.budget_usd is not None:
-        prompt, out = prompt_tokens_bound(body), _max_out(body)
+        prompt, out = prompt_tokens_bound(body) + bounds.carried_tokens, _max_out(body, bounds.length_fields)
         worst = {t: price.cost_usd(prompt, out) for t, price in prices.items()}
-    adm = await limits.admit(key, worst_tokens(body), worst)
+    adm = await limits.admit(key, worst_tokens(body, bounds), worst)
     adm.worst_usd = worst
     return adm
 
@@ -60,19 +77,20 @@ async def settle(limits: Limits, adm: Admission, ex: Exchange) -> None:
     await limits.settle(adm, ex.cost_usd, used)
 
 
-def _max_out(body: dict[str, Any]) -> int:
-    """The most answer tokens: the larger of max_tokens and max_completion_tokens (engines differ on which
-    wins), for each of n answers to each prompt of a batched completion."""
-    out = max(int(body.get("max_tokens") or 0), int(body.get("max_completion_tokens") or 0))
+def _max_out(body: dict[str, Any], fields: tuple[str, ...]) -> int:
+    """The most answer tokens: the largest of the length `fields` set, for each of n answers to each prompt of
+    a batched completion."""
+    out = max((int(body.get(f) or 0) for f in fields), default=0)
     n = int(body.get("n") or 1)
     prompt = body.get("prompt")
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     return out * n * prompts
 
 
-def worst_tokens(body: dict[str, Any]) -> int:
-    """The most tokens the request can use: its prompt's upper bound plus max_tokens for each of n answers."""
-    return prompt_tokens_bound(body) + _max_out(body)
+def worst_tokens(body: dict[str, Any], bounds: Bounds = Bounds()) -> int:
+    """The most tokens the request can use: its prompt's upper bound (with what it carries along) plus the
+    answer's bound for each of n answers."""
+    return prompt_tokens_bound(body) + bounds.carried_tokens + _max_out(body, bounds.length_fields)
 
 
 def within_budget(inp: RouteInput, adm: Admission) -> RouteInput:

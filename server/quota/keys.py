@@ -83,5 +83,5 @@ class KeyBook:
         looked up by this hash: a lookup's timing tells nothing about a stored key."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
         return hash_key(token.strip())

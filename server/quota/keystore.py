@@ -8,6 +8,7 @@ hash `turnout:keys` maps each name to its SHA-256, for listing and revoking by n
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import orjson
 
@@ -56,6 +57,20 @@ async def revoke_key(store: Store, name: str) -> bool:
     await store.put(KEY_PREFIX + digest.decode(), b"", 1e-3)  # gone at once (a put cannot delete)
     await store.hset_blob(INDEX, name, _REVOKED, FOREVER_S)
     return True
+
+
+#: Anthropic's SDK sends the key in this header; OpenAI's sends `Authorization: Bearer <key>`.
+API_KEY_HEADER = "x-api-key"
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The credentials a request presents, as an `Authorization` value: that header, or else the key in
+    `x-api-key` (Anthropic's way), taken as a bearer key."""
+    authorization = headers.get("authorization")
+    if authorization:
+        return authorization
+    api_key = headers.get(API_KEY_HEADER)
+    return f"Bearer {api_key}" if api_key else None
 
 
 async def authenticate(book: KeyBook, guard: StoreGuard, stored: StoredKeys,

@@ -31,6 +31,7 @@ from server.errors import GatewayError, bad_request
 from server.quota.keys import KeyRecord
 from server.store.base import Hold, Store, StoreUnavailable
 from server.store.guard import StoreGuard
+from server.upstream.content import TEXT_PARTS
 
 log = logging.getLogger("turnout.limits")
 T = TypeVar("T")
@@ -46,21 +47,24 @@ MEDIA_PART_TOKENS = 16_384
 
 
 # Everything of a body that becomes prompt tokens: completions' messages or prompt and what the chat template adds,
-# an embedding's input, and the sides of a rerank or score.
+# an embedding's input, the sides of a rerank or score, a Responses request's instructions and output format (`text`),
+# and Anthropic's system prompt.
 _PROMPT_FIELDS = ("messages", "prompt", "tools", "functions", "response_format", "input", "query", "documents",
-                  "text_1", "text_2", "data_1", "data_2", "queries", "items")
+                  "text_1", "text_2", "data_1", "data_2", "queries", "items", "instructions", "system", "text")
 
 
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """An upper bound on the prompt's tokens: the bytes as JSON of everything the chat template renders into it
-    (messages or prompt, tools, functions, response format; an embedding's input; a rerank's or score's sides), plus
+    (messages or prompt, tools, functions, response format; a Responses request's input, instructions and output
+    format; Anthropic's system; an embedding's input; a rerank's or score's sides), plus
     `MEDIA_PART_TOKENS` per non-text part."""
     parts = {k: body[k] for k in _PROMPT_FIELDS if k in body}
     media = 0
-    for msg in body.get("messages") or []:
+    items = body.get("messages") or (body["input"] if isinstance(body.get("input"), list) else [])
+    for msg in items:
         content = msg.get("content") if isinstance(msg, dict) else None
         if isinstance(content, list):
-            media += sum(1 for p in content if isinstance(p, dict) and p.get("type") not in (None, "text"))
+            media += sum(1 for p in content if isinstance(p, dict) and p.get("type") not in (None, *TEXT_PARTS))
     try:
         size = len(orjson.dumps(parts))
     except orjson.JSONEncodeError as exc:  # nested deeper than the encoder writes: it could not be forwarded

@@ -18,6 +18,24 @@ def header_text(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def usage_tokens(usage: dict[str, Any]) -> tuple[Any, Any]:
+    """(prompt tokens, answer tokens) of a usage object of any of the relayed APIs. An embedding's usage has no
+    answer tokens (0). Anthropic's `input_tokens` leaves out the tokens read from or written to the prompt cache
+    (vLLM reports cache hits there), which were prompt tokens all the same: they are added back, so a Messages
+    request counts its prompt as the same request on chat would."""
+    if "input_tokens" in usage or "output_tokens" in usage:
+        pt = usage.get("input_tokens")
+        if isinstance(pt, int):
+            for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                extra = usage.get(cached)
+                pt += extra if isinstance(extra, int) else 0
+        return pt, usage.get("output_tokens")
+    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if ct is None and isinstance(pt, int) and usage.get("total_tokens") == pt:
+        ct = 0  # an embedding's usage: input tokens only
+    return pt, ct
+
+
 @dataclass(slots=True)
 class Exchange:
     """Everything the gateway learns about one request while serving it."""
@@ -49,6 +67,7 @@ class Exchange:
     embed_error: str | None = None  # the prompt could not be embedded: the policy's fallback was sent
     affinity: bool = False
     key: str | None = None  # the client key's name (never the key)
+    response_id: str | None = None  # a Responses API answer's id (its worker keeps it)
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).
     fallback_from: list[str] = field(default_factory=list)
     retries: int = 0  # re-sends to the same model after a failure before the first byte
@@ -104,12 +123,11 @@ class Exchange:
         return out
 
     def set_usage(self, usage: Any, price: Price | None) -> None:
-        """Take token counts from an OpenAI `usage` object and price them."""
+        """Take token counts from a `usage` object (OpenAI's `prompt_tokens`/`completion_tokens`, or the
+        `input_tokens`/`output_tokens` of the Responses and Messages APIs) and price them."""
         if not isinstance(usage, dict):
             return
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if ct is None and isinstance(pt, int) and usage.get("total_tokens") == pt:
-            ct = 0  # an embedding's usage: input tokens only
+        pt, ct = usage_tokens(usage)
         if isinstance(pt, int) and isinstance(ct, int):
             self.prompt_tokens, self.completion_tokens = pt, ct
             if price is not None:

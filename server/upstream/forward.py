@@ -24,7 +24,8 @@ from server.errors import GatewayError, bad_request, from_httpx, from_upstream_s
 from server.outcome import Outcome
 from server.telemetry.metrics import Metrics
 from server.telemetry.record import Exchange
-from server.upstream.relay import OpenedStream, StreamRelay, choice_texts
+from server.upstream.relay import OnResponseId, OpenedStream, StreamRelay
+from server.upstream.shapes import CHAT, StreamShape, answer_texts
 from server.upstream.workers import Lease, Worker, WorkerRegistry
 
 log = logging.getLogger("turnout.forward")
@@ -33,12 +34,15 @@ log = logging.getLogger("turnout.forward")
 @dataclass(slots=True)
 class Call:
     """What to send: the targets in order (the policy's choice, then its fallbacks), the worker path
-    (`/chat/completions`, ...), the client's body, and whether the client wants a stream's usage chunk."""
+    (`/chat/completions`, ...), the client's body, whether the client wants a stream's usage chunk, the API
+    whose stream the answer is, and who is told a Responses stream's id."""
 
     targets: list[str]
     path: str
     body: dict[str, Any]
     wants_usage: bool = False
+    shape: StreamShape = CHAT
+    on_response_id: OnResponseId | None = None
 
 
 @dataclass(slots=True)
@@ -162,7 +166,7 @@ class Forwarder:
         try:
             if ex.stream:
                 opened = await self._open_stream(worker, call.path, payload, ex)
-                return Streaming(StreamRelay(opened, ex, call.wants_usage), lease)
+                return Streaming(StreamRelay(opened, ex, call.wants_usage, call.shape, call.on_response_id), lease)
             answer = await self._forward(worker, call.path, payload, ex)
         except GatewayError as err:
             outcome = err.outcome
@@ -197,8 +201,10 @@ class Forwarder:
             raise GatewayError(502, f"Worker '{worker.name}' sent a body that is not JSON.",
                                type="server_error", code=Outcome.UPSTREAM_BAD_RESPONSE.value) from None
         ex.set_usage(data.get("usage") if isinstance(data, dict) else None, worker.config.price)
+        if isinstance(data, dict) and data.get("object") == "response" and isinstance(data.get("id"), str):
+            ex.response_id = data["id"]  # a Responses API answer: its worker holds it
         if ex.completion_parts is not None and isinstance(data, dict):
-            ex.completion_parts.extend(choice_texts(data))
+            ex.completion_parts.extend(answer_texts(data))
         ex.http_status = resp.status_code
         return Answer(resp.content, resp.status_code)
 

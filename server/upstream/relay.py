@@ -1,27 +1,32 @@
 """`StreamRelay`: a worker's SSE stream relayed event by event, its usage taken, and every stream ended properly.
 
-A stream the worker breaks off, falls silent in (`idle_timeout_s`) or runs past its total time ends with an
-error event and `[DONE]`, never a silent truncation. The relay owns the worker's open response; the worker's
-lease is the request lifecycle's (`server.api.lifecycle`), which ends it with the relay's `verdict`.
+A stream the worker breaks off, falls silent in (`idle_timeout_s`) or runs past its total time ends with the
+API's own error event (`server.upstream.shapes`), never a silent truncation. The relay owns the worker's open
+response; the worker's lease is the request lifecycle's (`server.api.lifecycle`), which ends it with the relay's
+`verdict`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx
-import orjson
 
 from server.errors import GatewayError, upstream_stream_error
 from server.outcome import Outcome
 from server.telemetry.record import Exchange
-from server.upstream.sse import DONE, EventSplitter, event_data
+from server.upstream.shapes import CHAT, Seen, StreamShape
+from server.upstream.sse import EventSplitter, event_data
 from server.upstream.workers import Verdict, Worker
+
+#: Called with a Responses stream's id before the event naming it goes out (so a follow-up finds its worker),
+#: and again before its final event goes out, with the usage then on the exchange.
+OnResponseId = Callable[[str], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -36,36 +41,20 @@ class OpenedStream:
     deadline: float
 
 
-def choice_texts(obj: dict[str, Any]) -> list[str]:
-    """The text in a completion object or chunk: each choice's message or delta content, or its text."""
-    out: list[str] = []
-    choices = obj.get("choices")
-    for choice in choices if isinstance(choices, list) else []:
-        if not isinstance(choice, dict):
-            continue
-        part = choice.get("message") or choice.get("delta")
-        text = part.get("content") if isinstance(part, dict) else choice.get("text")
-        if isinstance(text, str):
-            out.append(text)
-    return out
-
-
-def _chunk_texts(data: bytes) -> list[str]:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return []
-    return choice_texts(obj) if isinstance(obj, dict) else []
-
-
 class StreamRelay:
     """Relays one opened stream to the client (iterate it once), noting usage, time to first token and errors
     on the request's `Exchange`. `verdict` is what the worker's breaker should hear once it has ended."""
 
-    def __init__(self, opened: OpenedStream, ex: Exchange, wants_usage: bool) -> None:
-        """`wants_usage`: the client asked for the usage-only chunk (the gateway always asks the worker)."""
+    def __init__(self, opened: OpenedStream, ex: Exchange, wants_usage: bool, shape: StreamShape = CHAT,
+                 on_response_id: OnResponseId | None = None) -> None:
+        """`wants_usage`: the client asked for OpenAI's usage-only chunk (the gateway always asks the worker);
+        `shape`: the API whose stream this is; `on_response_id`: told a Responses stream's id."""
         self._up, self._worker, self._ex = opened, opened.worker, ex
         self._wants_usage = wants_usage
+        self._shape = shape
+        self._on_response_id = on_response_id
+        self._partial_usage: dict[str, Any] = {}
+        self._last_data = b""
         self._closed = False
         self._completed = False
         self.verdict: Verdict = "neutral"
@@ -86,70 +75,77 @@ class StreamRelay:
                     else f"the stream ran past {to.total_s:g} s (total timeout)")
             raise upstream_stream_error(self._worker.name, what) from None
 
-    def _relay(self, chunk: bytes, splitter: EventSplitter) -> tuple[bytes, bool]:
-        """The events of `chunk` to send on, and whether `[DONE]` was among them."""
+    def _relay(self, chunk: bytes, splitter: EventSplitter) -> tuple[bytes, bool, str | None]:
+        """The events of `chunk` to send on, whether the stream's final event was among them, and a Responses
+        stream's id when one of them named it."""
         out = bytearray()
-        saw_done = False
+        ended = False
+        response_id = None
+        want_text = self._ex.completion_parts is not None
         for event in splitter.feed(chunk):
             data = event_data(event)
             if data is None:
                 continue
-            if data == DONE:
-                saw_done = True
-            elif not self._keep(data):
+            seen = self._shape.read(data, want_text)
+            ended = ended or seen.end
+            response_id = response_id or seen.response_id
+            if not self._take(seen):
                 continue
-            elif self._ex.completion_parts is not None:
-                self._ex.completion_parts.extend(_chunk_texts(data))
+            if seen.texts and self._ex.completion_parts is not None:
+                self._ex.completion_parts.extend(seen.texts)
+            self._last_data = data
             out += event + b"\n\n"
-        return bytes(out), saw_done
+        return bytes(out), ended, response_id
+
+    def _take(self, seen: Seen) -> bool:
+        """Note what an event told (usage, the worker's own failure); whether to send it on (OpenAI's usage-only
+        chunk goes only to a client that asked for it)."""
+        ex = self._ex
+        if seen.failed:
+            # The worker's own error event; its message may quote the request, so it is not logged.
+            ex.status, ex.error = Outcome.STREAM_ERROR, "the worker sent an error event"
+        if seen.usage is not None:
+            merged = {**self._partial_usage, **seen.usage}
+            if seen.usage_final:
+                ex.set_usage(merged, self._worker.config.price)
+            else:
+                self._partial_usage = merged
+            if seen.usage_only:
+                return self._wants_usage
+        return True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         ex = self._ex
         splitter = EventSplitter()
-        saw_done = False
+        saw_end = False
         try:
             chunk, self._up.first = self._up.first, b""
             while chunk:
                 t = time.perf_counter()
-                out, done = self._relay(chunk, splitter)
-                saw_done = saw_done or done
+                out, ended, response_id = self._relay(chunk, splitter)
+                saw_end = saw_end or ended
                 ex.relay_s += time.perf_counter() - t  # the gateway's own work on this chunk
+                if response_id is not None:
+                    ex.response_id = response_id
+                if self._on_response_id is not None and ex.response_id is not None and (response_id or ended):
+                    # Told before the events go out, so a client's follow-up finds the worker (and, once the
+                    # stream ended, the conversation's tokens so far).
+                    await self._on_response_id(ex.response_id)
                 if out:
                     if ex.ttft_s is None:
                         ex.ttft_s = time.perf_counter() - ex.started
                     yield out
                 chunk = await self._next()
-            if not saw_done:
-                raise upstream_stream_error(self._worker.name, "the stream ended without [DONE]")
+            if not saw_end:
+                raise upstream_stream_error(self._worker.name, f"the stream ended without {self._shape.last_event}")
             self.verdict = "ok"
         except (httpx.HTTPError, GatewayError) as exc:
             err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
                 self._worker.name, type(exc).__name__)
             ex.status, ex.error = Outcome.STREAM_ERROR, err.log_message()
             self.verdict = "failed"
-            yield err.sse_event() + b"data: [DONE]\n\n"
+            yield self._shape.failure(err, self._last_data)
         self._completed = True
-
-    def _keep(self, data: bytes) -> bool:
-        """Inspect a JSON event: take usage; drop the usage-only chunk unless the client asked for it."""
-        if b'"usage"' not in data and b'"error"' not in data:
-            return True
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(obj, dict):
-            return True
-        if "error" in obj:
-            # The worker's own error event; its message may quote the request, so it is not logged.
-            self._ex.status, self._ex.error = Outcome.STREAM_ERROR, "the worker sent an error event"
-            return True
-        usage = obj.get("usage")
-        if usage:
-            self._ex.set_usage(usage, self._worker.config.price)
-            if not obj.get("choices"):
-                return self._wants_usage
-        return True
 
     async def aclose(self) -> None:
         """Close the worker's response (which aborts its request if it is still running); a stream that did

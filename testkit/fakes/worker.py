@@ -6,7 +6,10 @@ Build the app with :func:`create_fake_worker`, or run it as a server::
         [--ttft-ms X] [--itl-ms Y] [--latency-ms Z] [--max-model-len N] \\
         [--graceful-timeout S] [--timeout-keep-alive S]
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings`` (8-dimensional
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses`` (responses kept in
+memory: ``previous_response_id``, ``GET /v1/responses/{id}``, and its ``/cancel``, which answers vLLM's 400 for a
+response not in the background), ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic's shapes and
+events; see :mod:`testkit.fakes.worker_apis`), ``POST /v1/embeddings`` (8-dimensional
 vectors from each text's hash; usage as vLLM's pooling server gives it; only the ``status`` fault), ``POST /v1/rerank``
 and ``POST /v1/score`` (the cosine of those vectors, vLLM's shapes; ``text_1``/``text_2`` only), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (vLLM-style Prometheus gauges/counters) and the test controls
@@ -37,7 +40,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from testkit.fakes.worker_protocol import FakeRequestError, Faults, fake_pooling, parse_faults
+from testkit.fakes.worker_protocol import (
+    FakeRequestError,
+    Faults,
+    error_body,
+    fake_pooling,
+    parse_faults,
+    prompt_tokens_of,
+)
 from testkit.fakes.worker_stream import CompletionsEndpoint, FakeState, FakeWorkerApp, Outcome
 
 __all__ = ["FakeState", "FakeWorkerApp", "create_fake_worker", "main", "render_metrics"]
@@ -147,8 +157,42 @@ def create_fake_worker(
             return _json(answer)
         return endpoint
 
+    async def count_tokens(request: Request) -> Response:
+        state.requests += 1
+        try:
+            body = orjson.loads(await request.body())
+            if not isinstance(body, dict) or (state.model != "*" and body.get("model") != state.model):
+                raise FakeRequestError(404, f"The model `{body.get('model') if isinstance(body, dict) else None}` "
+                                            "does not exist.", "model")
+            tokens = prompt_tokens_of("messages", body)
+        except orjson.JSONDecodeError as exc:
+            state.record(Outcome.ERROR)
+            return Response(FakeRequestError(400, f"malformed JSON body: {exc}").body("messages"), 400,
+                            media_type="application/json")
+        except FakeRequestError as exc:
+            state.record(Outcome.ERROR)
+            return Response(exc.body("messages"), exc.status, media_type="application/json")
+        state.record(Outcome.COMPLETED)
+        return _json({"input_tokens": tokens})
+
+    async def stored_response(request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        found = state.responses.get(response_id)
+        if found is None:
+            return Response(error_body(404, f"Response with id '{response_id}' not found.", "response_id"), 404,
+                            media_type="application/json")
+        if request.url.path.endswith("/cancel"):  # vLLM's answer for a response that is not in the background
+            return Response(error_body(400, "Cannot cancel a synchronous response.", "response_id"), 400,
+                            media_type="application/json")
+        return _json(found)
+
     routes = [
         Route("/v1/chat/completions", CompletionsEndpoint(state, "chat"), methods=["POST"]),
+        Route("/v1/responses", CompletionsEndpoint(state, "responses"), methods=["POST"]),
+        Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
+        Route("/v1/messages", CompletionsEndpoint(state, "messages"), methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/embeddings", pooling("embeddings"), methods=["POST"]),
         Route("/v1/rerank", pooling("rerank"), methods=["POST"]),
         Route("/v1/score", pooling("score"), methods=["POST"]),

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 import orjson
 
-Kind = Literal["chat", "completion"]
+from testkit.fakes.worker_apis import message_object, messages_frames, response_object, responses_frames
+
+Kind = Literal["chat", "completion", "responses", "messages"]
 
 DEFAULT_COMPLETION_TOKENS = 16
 TOKEN_TEXT = "tok "
@@ -53,9 +55,9 @@ class FakeRequestError(Exception):
         self.message = message
         self.param = param
 
-    def body(self) -> bytes:
-        """The JSON error body, shaped like vLLM's."""
-        return error_body(self.status, self.message, self.param)
+    def body(self, kind: str = "chat") -> bytes:
+        """The JSON error body, shaped like vLLM's (on the Messages API, Anthropic's shape, as vLLM's)."""
+        return error_body(self.status, self.message, self.param, kind)
 
 
 def error_type(status: int) -> str:
@@ -65,8 +67,11 @@ def error_type(status: int) -> str:
     return "InternalServerError" if status >= 500 else "BadRequestError"
 
 
-def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    """``{"error": {"message", "type", "param", "code"}}`` as vLLM answers errors."""
+def error_body(status: int, message: str, param: str | None = None, kind: str = "chat") -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}`` as vLLM answers errors; on the Messages API
+    ``{"type": "error", "error": {"type", "message"}}``."""
+    if kind == "messages":
+        return orjson.dumps({"type": "error", "error": {"type": error_type(status), "message": message}})
     return orjson.dumps({"error": {"message": message, "type": error_type(status), "param": param, "code": status}})
 
 
@@ -133,7 +138,8 @@ def count_words(text: object) -> int:
 def _content_words(content: object) -> int:
     if isinstance(content, list):
         return sum(
-            count_words(part.get("text")) for part in content if isinstance(part, dict) and part.get("type") == "text"
+            count_words(part.get("text")) for part in content
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text")
         )
     if content is None or isinstance(content, str):
         return count_words(content)
@@ -219,7 +225,18 @@ def _pooling_body(raw: bytes, model: str, faults: Faults) -> dict[str, Any]:
 
 
 def prompt_tokens_of(kind: Kind, body: dict[str, Any]) -> int:
-    """Deterministic prompt token count (words + 1 per message, or words of the prompt + 1)."""
+    """Deterministic prompt token count (words + 1 per message, or words of the prompt + 1; a Responses input's
+    and instructions' words, Anthropic's system's)."""
+    if kind == "responses":
+        given = body.get("input")
+        if isinstance(given, str):
+            return count_words(given) + 1 + count_words(body.get("instructions"))
+        if not isinstance(given, list) or not given or not all(isinstance(m, dict) for m in given):
+            raise FakeRequestError(400, "`input` must be a string or a non-empty list of items", "input")
+        return sum(_content_words(m.get("content")) + 1 for m in given) + count_words(body.get("instructions"))
+    if kind == "messages":
+        system = body.get("system")
+        return prompt_tokens_of("chat", body) + (_content_words(system) if system is not None else 0)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -238,8 +255,15 @@ def prompt_tokens_of(kind: Kind, body: dict[str, Any]) -> int:
     raise FakeRequestError(400, "`prompt` must be a string or a non-empty list of strings", "prompt")
 
 
+_LENGTH_FIELDS: dict[str, tuple[str, ...]] = {"chat": ("max_completion_tokens", "max_tokens"),
+                                              "completion": ("max_tokens",), "responses": ("max_output_tokens",),
+                                              "messages": ("max_tokens",)}
+
+
 def _requested_max_tokens(kind: Kind, body: dict[str, Any]) -> tuple[int | None, str]:
-    names = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
+    names = _LENGTH_FIELDS[kind]
+    if kind == "messages" and body.get("max_tokens") is None:
+        raise FakeRequestError(400, "`max_tokens` is required", "max_tokens")
     for name in names:
         value = body.get(name)
         if value is None:
@@ -261,14 +285,19 @@ class CompletionJob:
     stream: bool
     include_usage: bool
     faults: Faults
+    answer_id: str = ""
+    previous_response_id: str | None = None
 
 
 #: `--model '*'`: serve whatever model a request names, and answer as that model.
 ANY_MODEL = "*"
 
 
-def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, base: Faults) -> CompletionJob:
-    """Validate a parsed request body against the worker; raise :class:`FakeRequestError` on rejection."""
+def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, base: Faults,
+              stored: dict[str, dict[str, Any]] | None = None) -> CompletionJob:
+    """Validate a parsed request body against the worker; raise :class:`FakeRequestError` on rejection.
+    `stored`: the Responses API's stored responses, which a `previous_response_id` continues (404 when unknown,
+    as vLLM answers; the conversation's tokens join the prompt)."""
     if not isinstance(body, dict):
         raise FakeRequestError(400, "request body must be a JSON object")
     faults = base.merged(parse_faults(body.get("fake")))
@@ -278,6 +307,12 @@ def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, b
     if model != served_model:
         raise FakeRequestError(404, f"The model `{model}` does not exist.", "model")
     prompt_tokens = prompt_tokens_of(kind, body)
+    previous = body.get("previous_response_id") if kind == "responses" else None
+    if previous is not None:
+        earlier = (stored or {}).get(previous) if isinstance(previous, str) else None
+        if earlier is None:
+            raise FakeRequestError(404, f"Response with id '{previous}' not found.", "response_id")
+        prompt_tokens += int(earlier["usage"]["total_tokens"]) if earlier.get("usage") else 0
     max_tokens, param = _requested_max_tokens(kind, body)
     if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
         raise FakeRequestError(
@@ -300,7 +335,8 @@ def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, b
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    return CompletionJob(kind, served_model, prompt_tokens, completion_tokens, stream, include_usage, faults)
+    return CompletionJob(kind, served_model, prompt_tokens, completion_tokens, stream, include_usage, faults,
+                         new_id(kind), previous)
 
 
 def _usage(job: CompletionJob) -> dict[str, int]:
@@ -311,14 +347,26 @@ def _usage(job: CompletionJob) -> dict[str, int]:
     }
 
 
+_ID_PREFIXES = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_", "messages": "msg_"}
+
+
 def new_id(kind: Kind) -> str:
-    """``chatcmpl-<hex>`` or ``cmpl-<hex>``."""
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(16)
+    """``chatcmpl-<hex>``, ``cmpl-<hex>``, ``resp_<hex>`` or ``msg_<hex>``."""
+    return _ID_PREFIXES[kind] + secrets.token_hex(16)
+
+
+def answer_text(job: CompletionJob) -> str:
+    """The whole answer's text: the scripted reply, or one "tok " per token."""
+    return job.faults.reply if job.faults.reply is not None else TOKEN_TEXT * job.completion_tokens
 
 
 def full_response(job: CompletionJob) -> bytes:
     """The non-streaming JSON answer."""
-    text = job.faults.reply if job.faults.reply is not None else TOKEN_TEXT * job.completion_tokens
+    text = answer_text(job)
+    if job.kind == "responses":
+        return orjson.dumps(response_object(job, text))
+    if job.kind == "messages":
+        return orjson.dumps(message_object(job, text))
     choice: dict[str, Any]
     if job.kind == "chat":
         choice = {
@@ -331,7 +379,7 @@ def full_response(job: CompletionJob) -> bytes:
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
     payload: dict[str, Any] = {
-        "id": new_id(job.kind),
+        "id": job.answer_id,
         "object": "chat.completion" if job.kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": job.model,
@@ -352,17 +400,33 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 @dataclass(frozen=True, slots=True)
 class StreamFrames:
-    """Pre-encoded SSE frames of one streaming answer (token frames are identical, so built once)."""
+    """Pre-encoded SSE frames of one streaming answer: token frames are identical, so built once, except on the
+    Responses API, whose events are numbered (`tokens`, one each)."""
 
     head: bytes
     token: bytes
     tail: bytes
+    tokens: list[bytes] | None = None
+
+    def first(self, n: int) -> bytes:
+        """The first `n` token frames."""
+        return b"".join(self.tokens[:n]) if self.tokens is not None else self.token * n
+
+    def at(self, i: int) -> bytes:
+        """Token frame `i`."""
+        return self.tokens[i] if self.tokens is not None else self.token
 
 
 def stream_frames(job: CompletionJob) -> StreamFrames:
-    """Build the frames of a streamed answer, shaped like vLLM's chunks."""
+    """Build the frames of a streamed answer, shaped like vLLM's chunks (or events)."""
+    piece = TOKEN_TEXT if job.faults.reply is None else ""  # a scripted reply comes whole in the first frame
+    if job.kind == "responses":
+        head, tokens, tail = responses_frames(job, answer_text(job), piece)
+        return StreamFrames(head, b"", tail, tokens)
+    if job.kind == "messages":
+        return StreamFrames(*messages_frames(job, piece))
     common: dict[str, Any] = {
-        "id": new_id(job.kind),
+        "id": job.answer_id,
         "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": job.model,
@@ -375,7 +439,6 @@ def stream_frames(job: CompletionJob) -> StreamFrames:
         return sse({**common, "choices": [choice]})
 
     reply = job.faults.reply
-    piece = TOKEN_TEXT if reply is None else ""  # a scripted reply comes whole in the first frame
     if job.kind == "chat":
         head = chunk({"delta": {"role": "assistant", "content": reply or ""}})
         token = chunk({"delta": {"content": piece}})

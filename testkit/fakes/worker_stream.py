@@ -20,11 +20,13 @@ from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from testkit.asgi import read_body
+from testkit.fakes.worker_apis import response_object
 from testkit.fakes.worker_protocol import (
     CompletionJob,
     FakeRequestError,
     Faults,
     Kind,
+    answer_text,
     error_body,
     full_response,
     parse_job,
@@ -68,6 +70,8 @@ class FakeState:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     bodies: deque[Any] = field(default_factory=lambda: deque(maxlen=50))
+    # The Responses API's stored responses (as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1 keeps them).
+    responses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def base_faults(self) -> Faults:
         """Worker defaults with the current ``/fake/mode`` applied."""
@@ -149,6 +153,7 @@ class CompletionsEndpoint:
         state.active += 1
         outcome = Outcome.CANCELLED
         tokens = 0
+        job: CompletionJob | None = None
         try:
             raw = await read_body(receive)
             if raw is None:
@@ -158,13 +163,16 @@ class CompletionsEndpoint:
             except orjson.JSONDecodeError as exc:
                 raise FakeRequestError(400, f"malformed JSON body: {exc}") from exc
             state.bodies.append(body)
-            job = parse_job(self.kind, body, state.model, state.max_model_len, state.base_faults())
+            job = parse_job(self.kind, body, state.model, state.max_model_len, state.base_faults(), state.responses)
             state.prompt_tokens_total += job.prompt_tokens
             tokens = job.prompt_tokens + job.completion_tokens
             state.active_tokens += tokens
+            if self.kind == "responses" and body.get("store") is not False:
+                # Kept before it is sent, so a follow-up right after finds it; forgotten if it is not completed.
+                state.responses[job.answer_id] = response_object(job, answer_text(job))
             outcome = await self._answer(job, scope, receive, send)
         except FakeRequestError as exc:
-            await _send_bytes(send, exc.status, _JSON_HEADERS, exc.body())
+            await _send_bytes(send, exc.status, _JSON_HEADERS, exc.body(self.kind))
             outcome = Outcome.ERROR
         except ConnectionDropped:
             outcome = Outcome.DROPPED
@@ -176,6 +184,8 @@ class CompletionsEndpoint:
             state.active -= 1
             state.active_tokens -= tokens
             state.record(outcome)
+            if job is not None and outcome is not Outcome.COMPLETED:
+                state.responses.pop(job.answer_id, None)
 
     async def _answer(self, job: CompletionJob, scope: Scope, receive: Receive, send: Send) -> Outcome:
         faults = job.faults
@@ -219,7 +229,7 @@ class CompletionsEndpoint:
         if faults.status is not None:
             await _sleep_ms(faults.latency_ms)
             message = f"Fake worker injected HTTP {faults.status}"
-            await _send_bytes(send, faults.status, _JSON_HEADERS, error_body(faults.status, message))
+            await _send_bytes(send, faults.status, _JSON_HEADERS, error_body(faults.status, message, None, job.kind))
             return Outcome.COMPLETED if faults.status < 400 else Outcome.ERROR
         if job.stream:
             return await self._stream(job, scope, send)
@@ -239,7 +249,7 @@ class CompletionsEndpoint:
         state = self.state
         if faults.itl_ms <= 0:
             state.generation_tokens_total += n
-            body = frames.head + frames.token * n if n else b""
+            body = frames.head + frames.first(n) if n else b""
             await send({"type": "http.response.body", "body": body, "more_body": True})
         else:
             delay = faults.itl_ms / 1000.0
@@ -247,7 +257,7 @@ class CompletionsEndpoint:
                 if i:
                     await asyncio.sleep(delay)
                 state.generation_tokens_total += 1
-                chunk = frames.head + frames.token if i == 0 else frames.token
+                chunk = frames.head + frames.at(0) if i == 0 else frames.at(i)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if faults.drop_after is not None:
             return _drop(scope)

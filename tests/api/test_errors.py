@@ -186,19 +186,21 @@ async def test_a_path_not_served_is_named_in_its_own_api_shape(fakes: dict[str, 
     """Through each official SDK: the path, and what the gateway serves, in the error its SDK reads."""
     async with gateway_in_process(fake_config(fakes)) as gw:
         with pytest.raises(openai.NotFoundError) as oa:
-            await gw.client.responses.create(model="fake-small", input="hello")
+            await gw.client.images.generate(model="fake-small", prompt="a cat")
         sdk = anthropic.AsyncAnthropic(base_url="http://gateway", api_key="test", http_client=gw.http,
                                        max_retries=0)
         with pytest.raises(anthropic.NotFoundError) as an:
-            await sdk.messages.create(model="fake-small", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-        raw = await gw.http.post("/v1/messages/count_tokens", json={})
+            await sdk.messages.batches.list()
+        raw = await gw.http.post("/v1/complete", json={})
     body = oa.value.body
     assert isinstance(body, dict) and body["code"] == "unsupported_path"
-    assert "POST /v1/responses" in body["message"] and "POST /v1/chat/completions" in body["message"]
+    assert "POST /v1/images/generations" in body["message"] and "POST /v1/chat/completions" in body["message"]
+    assert "POST /v1/responses" in body["message"] and "GET /v1/responses/{response_id}" in body["message"]
     assert "/docs" not in body["message"].replace("/openapi.json", "")
-    assert an.value.status_code == 404 and "POST /v1/messages" in an.value.message
+    assert an.value.status_code == 404 and "GET /v1/messages/batches" in an.value.message
+    assert "POST /v1/messages" in an.value.message
     assert raw.json()["type"] == "error" and raw.json()["error"]["type"] == "not_found_error"
-    assert set(raw.json()) == {"type", "error"} and "count_tokens" in raw.json()["error"]["message"]
+    assert set(raw.json()) == {"type", "error"} and "/v1/complete" in raw.json()["error"]["message"]
 
 
 

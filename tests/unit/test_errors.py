@@ -47,12 +47,6 @@ def test_httpx_exceptions(exc: httpx.HTTPError, status: int) -> None:
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_sse_error_event() -> None:
-    ev = from_upstream_status("w", 500, b"").sse_event()
-    assert ev.startswith(b"data: {") and ev.endswith(b"\n\n")
-    assert orjson.loads(ev[6:])["error"]["code"] == "upstream_error"
-
-
 def test_worker_auth_failure_and_redirect_are_502() -> None:
     for status in (401, 403):
         err = from_upstream_status("w", status, b'{"error": {"message": "bad key"}}')
