@@ -43,17 +43,26 @@ def vllm_ready(model: str = "gemma3-270m") -> bool:
             and (VLLM_CACHE / "models" / model / ".turnout-ready").exists())
 
 
+#: vLLM's own options for serving every API the gateway relays: tool calls in Hermes's format (`<tool_call>`
+#: tags; a tool marked `strict` is held to its schema by the structural tag, so `required` and named tool choices
+#: give valid calls even from a small base model), and Responses API responses kept in memory, which
+#: `previous_response_id`, retrieval and cancel need.
+ALL_APIS_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+ALL_APIS_ENV = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+
+
 def vllm_process(port: int, log_path: Path, name: str | None = None, cores: str = "",
-                 args: tuple[str, ...] = (), model: str = "gemma3-270m") -> ManagedProcess:
+                 args: tuple[str, ...] = (), model: str = "gemma3-270m",
+                 env: dict[str, str] | None = None) -> ManagedProcess:
     """A vLLM CPU server on loopback (not yet started); ready takes about a minute. `model`: which built model
     to serve (one of VLLM_MODELS: gemma3-270m, Gemma 3 270M base, or smollm2-135m, SmolLM2-135M-Instruct);
     `name`: the served model name or several, comma-separated (default: the model's own); `args`: more vLLM
-    server arguments."""
+    server arguments; `env`: more environment (see `ALL_APIS_ARGS` and `ALL_APIS_ENV`)."""
     if model not in VLLM_MODELS:
         raise ValueError(f"unknown vLLM model {model!r}; known: {', '.join(VLLM_MODELS)}")
     cmd = ["bash", str(REPO / "deploy" / "vllm-cpu" / "start.sh"), str(port), name or model, cores, *args]
     return ManagedProcess(cmd, ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, timeout_s=400,
-                          env={"TURNOUT_VLLM_MODEL": model})
+                          env={"TURNOUT_VLLM_MODEL": model, **(env or {})})
 
 
 def fake_process(port: int, model: str, log_path: Path | None = None, *args: str) -> ManagedProcess:

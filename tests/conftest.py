@@ -19,7 +19,15 @@ from fastapi import FastAPI
 from routers.embedding.base import Embedder
 from server.app import create_app
 from server.config import TurnoutConfig, parse_config
-from testkit.engines import fake_process, gateway_process, has_avx2, vllm_process, vllm_ready
+from testkit.engines import (
+    ALL_APIS_ARGS,
+    ALL_APIS_ENV,
+    fake_process,
+    gateway_process,
+    has_avx2,
+    vllm_process,
+    vllm_ready,
+)
 from testkit.procs import ManagedProcess, free_port
 
 
@@ -128,13 +136,14 @@ def serve_gateway(config: dict[str, Any], tmp: Path) -> tuple[ManagedProcess, st
 
 @pytest.fixture(scope="session")
 def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """A real vLLM CPU server (gemma3-270m) for the session; skipped, with the reason, only without AVX2."""
+    """A real vLLM CPU server (gemma3-270m) for the session, serving every API the gateway relays (tools, stored
+    responses); skipped, with the reason, only without AVX2."""
     if not has_avx2():
         pytest.skip("the vLLM CPU build needs AVX2, which this CPU lacks")
     if not vllm_ready():
         pytest.fail("the vLLM worker is not set up: run `make vllm` (make test does it first)")
     port = free_port()
-    proc = vllm_process(port, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    proc = vllm_process(port, tmp_path_factory.mktemp("vllm") / "vllm.log", args=ALL_APIS_ARGS, env=ALL_APIS_ENV)
     with proc:
         yield Upstream("gemma3-270m", f"http://127.0.0.1:{port}/v1", proc)
 

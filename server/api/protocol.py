@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,6 +21,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -106,6 +108,15 @@ class CompletionRequest(OpenAIRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+def _not_true(value: bool) -> bool:
+    if value:
+        raise ValueError("must be false (not offered on this endpoint)")
+    return value
+
+
+#: `false` or absent, and nothing else (not `0`: pydantic's `Literal[False]` takes it, as `0 == False`).
+OnlyFalse = Annotated[StrictBool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
+
 _POOLING_MISPLACED = {"messages": "'messages' is for /v1/chat/completions.",
                      "turnout": "pooling requests are not routed by a policy: name the model."}
 # A text, or a multimodal content part or parts, as vLLM's scoring endpoints take them.
@@ -122,7 +133,7 @@ class EmbeddingRequest(OpenAIRequest):
         list[StrictInt], Field(min_length=1)] | Annotated[list[list[StrictInt]], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
-    stream: Literal[False] | None = None
+    stream: OnlyFalse | None = None
 
 
 class RerankRequest(OpenAIRequest):
@@ -133,7 +144,7 @@ class RerankRequest(OpenAIRequest):
     query: _ScoreInput
     documents: StrictStr | Annotated[list[Any], Field(min_length=1)]
     top_n: Annotated[StrictInt, Field(ge=0)] | None = None
-    stream: Literal[False] | None = None
+    stream: OnlyFalse | None = None
 
 
 #: The pairs `POST /v1/score` takes (vLLM accepts each): the first side scored against the second.
@@ -152,7 +163,7 @@ class ScoreRequest(OpenAIRequest):
     queries: _ScoreInput | None = None
     documents: _ScoreInput | None = None
     items: _ScoreInput | None = None
-    stream: Literal[False] | None = None
+    stream: OnlyFalse | None = None
 
     @model_validator(mode="after")
     def _one_pair(self) -> ScoreRequest:
@@ -183,7 +194,7 @@ class ResponsesRequest(OpenAIRequest):
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     previous_response_id: Annotated[StrictStr, Field(min_length=1)] | None = None
     store: StrictBool | None = None
-    background: Literal[False] | None = None  # background responses poll one worker's memory: not relayed
+    background: OnlyFalse | None = None  # background responses poll one worker's memory: not relayed
 
 
 class AnthropicMessage(_Open):
@@ -218,7 +229,7 @@ class CountTokensRequest(OpenAIRequest):
 
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: StrictStr | list[TextPart] | None = None
-    stream: Literal[False] | None = None
+    stream: OnlyFalse | None = None
 
 
 def _is_union_tag(part: int | str) -> bool:
