@@ -47,6 +47,7 @@ from server.api.stored_responses import handle_cancel_response, handle_get_respo
 from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
 from server.gateway import GatewayState
+from server.telemetry.tracing import start_tracing, stop_tracing
 
 CONFIG_ENV = "TURNOUT_CONFIG"
 Handler = Callable[[Request, GatewayState], Awaitable[Response]]
@@ -163,11 +164,14 @@ def create_app(
         state = GatewayState(cfg, config_path=path, client=client, embedder=embedder)
         app.state.gateway, app.state.started_at = state, time.time()
         state.start(background_checks=health_checks)
+        traces = start_tracing()  # only when the OTEL_* variables ask for it
         try:
             with _reload_on_sighup(state, enabled=bool(handle_sighup and path)):
                 yield
         finally:
             await state.aclose()
+            if traces:
+                stop_tracing()
 
     app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
     install_handlers(app)

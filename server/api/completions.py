@@ -59,6 +59,7 @@ from server.quota.keys import KeyRecord
 from server.quota.keystore import authenticate, presented_key
 from server.snapshot import Live
 from server.telemetry.record import Exchange
+from server.telemetry.tracing import OPERATIONS, detach, request_span
 from server.upstream.forward import Call
 from server.upstream.shapes import CHAT, MESSAGES, RESPONSES, StreamShape
 
@@ -106,6 +107,9 @@ async def handle_completion(endpoint: Endpoint, request: Request, gw: GatewaySta
     """Serve one completion request; whatever happens, the response it returns ends its lifecycle."""
     ex = Exchange(request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex, endpoint=endpoint.kind)
     life = RequestLife(ex, LifeParts(gw.recorder, gw.metrics.in_flight, gw.feedback, gw.limits, gw.spawn))
+    traced = request_span(endpoint.kind, request.method, request.url.path, request.headers)
+    if traced is not None:
+        life.span = traced[0]
     try:
         return await _serve(endpoint, request, gw, life)
     except ClientDisconnect:
@@ -124,6 +128,9 @@ async def handle_completion(endpoint: Endpoint, request: Request, gw: GatewaySta
     except BaseException:  # cancelled before any response: the request still ends, once
         await life.end()
         raise
+    finally:
+        if traced is not None:  # the span stays open until the request ends (a stream, later)
+            detach(traced[1])
 
 
 async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: RequestLife) -> Response:
@@ -133,6 +140,7 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     srv = live.config.server
     body = decode_json(await read_body(request, srv.max_body_bytes))
     req = validate_body(endpoint.schema, body)
+    ex.requested_model = req.model
     check_limits(body, srv)
     ex.stream = bool(req.stream)
     ex.reference_price = live.config.reference[1]
@@ -158,7 +166,7 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
     life.routed(selection)
     call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body,
-                shape=endpoint.shape)
+                shape=endpoint.shape, operation=OPERATIONS.get(endpoint.kind, endpoint.kind))
     if ex.stream and endpoint.shape is CHAT:
         client_opts = body.get("stream_options") or {}
         call.wants_usage = bool(client_opts.get("include_usage"))

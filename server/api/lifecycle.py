@@ -6,7 +6,8 @@ worker lease) is noted here, and given back in one place, `end`, in one document
 1. close the worker's stream, if one is open (a stream that did not complete becomes a client disconnect);
 2. record the outcome: metrics and the status page;
 3. write the request's log line;
-4. tell the policy how its choice went (and give a learning policy's feedback record its cost);
+4. tell the policy how its choice went (and give a learning policy's feedback record its cost), and end the
+   request's trace span;
 5. settle the budget hold, and end the stream's worker lease with the relay's verdict;
 6. decrement the in-flight gauge.
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Span
 from prometheus_client import Gauge
 from starlette.responses import Response
 
@@ -34,6 +36,7 @@ from server.quota.admission import settle
 from server.quota.limits import Admission, Limits
 from server.telemetry.record import Exchange
 from server.telemetry.recorder import Recorder
+from server.telemetry.tracing import end_request
 from server.upstream.forward import Answer, Streaming
 
 log = logging.getLogger("turnout.lifecycle")
@@ -68,6 +71,7 @@ class RequestLife:
         self._hold: Admission | None = None
         self._told: _Told | None = None
         self._stream: Streaming | None = None
+        self.span: Span | None = None  # the request's trace span, when tracing is on
         self._ended = False
         parts.in_flight.inc()
 
@@ -128,6 +132,8 @@ class RequestLife:
                 self._parts.recorder.record(ex, now)
                 self._parts.recorder.log_line(ex, now)
                 self._tell_policy(now)
+                if self.span is not None:
+                    end_request(self.span, ex)
             finally:  # whatever reporting did, what the request holds is given back
                 if self._hold is not None:
                     self._parts.spawn(settle(self._parts.limits, self._hold, ex))

@@ -16,6 +16,7 @@ from server.policy.affinity import AffinityStore
 from server.policy.embedding import EmbeddingService
 from server.policy.options import RouteOptions
 from server.policy.table import POLICY_HEADER, RoutingTable
+from server.telemetry.tracing import child_span
 from server.upstream.workers import WorkerRegistry
 
 log = logging.getLogger("turnout.routing")
@@ -114,7 +115,10 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
         if embedding is None:  # pragma: no cover - the state builds the service whenever a policy needs it
             raise RuntimeError("a policy needs embeddings but the gateway has no embedder")
         try:
-            got = await embedding.embed(inp.text)
+            with child_span("turnout.embed", **{"turnout.policy": policy}) as span:
+                got = await embedding.embed(inp.text)
+                if span is not None:
+                    span.set_attribute("turnout.embed_cached", got.cached)
         except Exception as exc:  # the embedder failed: the policy's fallback answers, never a 500
             return _undecided(router, policy, candidates, getattr(spec, "fallback", None), exc, started)
         vector, embed_s, cached = got.vector, got.wait_s, got.cached
@@ -125,10 +129,13 @@ async def select(table: RoutingTable, registry: WorkerRegistry, embedding: Embed
         queue={t: registry.queue(t) for t in candidates},
     )
     t_score = time.perf_counter()
-    decision = router.route(req)
-    shadow = None
-    if shadow_router is not None:
-        shadow = _shadow_decision(shadow_router, req, registry)
+    with child_span("turnout.score", **{"turnout.policy": policy, "turnout.candidates": list(candidates)}) as span:
+        decision = router.route(req)
+        shadow = None
+        if shadow_router is not None:
+            shadow = _shadow_decision(shadow_router, req, registry)
+        if span is not None:
+            span.set_attribute("turnout.chosen", decision.chosen)
     score_s = time.perf_counter() - t_score
     if aff is not None and inp.session and not dry_run:
         await affinity.put(policy, inp.session, decision.chosen, aff.ttl_s)

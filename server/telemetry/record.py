@@ -68,6 +68,7 @@ class Exchange:
     affinity: bool = False
     key: str | None = None  # the client key's name (never the key)
     response_id: str | None = None  # a Responses API answer's id (its worker keeps it)
+    requested_model: str | None = None  # the body's `model`: a model, a worker, `auto` or a policy
     # Models that failed before their first byte, in order, before the one that answered (fallbacks).
     fallback_from: list[str] = field(default_factory=list)
     retries: int = 0  # re-sends to the same model after a failure before the first byte

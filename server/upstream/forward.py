@@ -24,6 +24,7 @@ from server.errors import GatewayError, bad_request, from_httpx, from_upstream_s
 from server.outcome import Outcome
 from server.telemetry.metrics import Metrics
 from server.telemetry.record import Exchange
+from server.telemetry.tracing import end_upstream, upstream_span
 from server.upstream.relay import OnResponseId, OpenedStream, StreamRelay
 from server.upstream.shapes import CHAT, StreamShape, answer_texts
 from server.upstream.workers import Lease, Worker, WorkerRegistry
@@ -43,6 +44,7 @@ class Call:
     wants_usage: bool = False
     shape: StreamShape = CHAT
     on_response_id: OnResponseId | None = None
+    operation: str = "chat"  # GenAI's operation name, for the call's trace span
 
 
 @dataclass(slots=True)
@@ -163,29 +165,35 @@ class Forwarder:
         lease = await Lease.take(worker, registry.reliability)
         # The exchange is this worker's from here on (not while queued: a client leaving the line owes nothing).
         ex.worker, ex.model, ex.failure_counted = worker.name, worker.model, False
+        headers = _upstream_headers(worker, ex.request_id)
+        span = upstream_span(worker.name, worker.model, worker.config.base_url + call.path, headers, call.operation)
         try:
             if ex.stream:
-                opened = await self._open_stream(worker, call.path, payload, ex)
-                return Streaming(StreamRelay(opened, ex, call.wants_usage, call.shape, call.on_response_id), lease)
-            answer = await self._forward(worker, call.path, payload, ex)
+                opened = await self._open_stream(worker, call.path, payload, headers, ex)
+                relay = StreamRelay(opened, ex, call.wants_usage, call.shape, call.on_response_id, span)
+                return Streaming(relay, lease)
+            answer = await self._forward(worker, call.path, payload, headers, ex)
         except GatewayError as err:
             outcome = err.outcome
             lease.end("failed" if outcome.sends_on else "neutral" if err.status >= 500 else "ok")
+            end_upstream(span, False, outcome.value, err.upstream_status)
             raise
         except BaseException:
             lease.end("neutral")  # cancelled: the client went away
+            end_upstream(span, False, Outcome.CLIENT_DISCONNECT.value)
             raise
         lease.end("ok")
+        end_upstream(span, True, status=answer.status)
         return answer
 
-    async def _forward(self, worker: Worker, path: str, payload: bytes, ex: Exchange) -> Answer:
+    async def _forward(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str],
+                       ex: Exchange) -> Answer:
         """Non-streaming: send, wait for the whole answer (within the worker's total timeout), account."""
         to = worker.timeouts
         t = time.perf_counter()
         try:
             async with asyncio.timeout(to.total_s):
-                resp = await self.client.post(worker.config.base_url + path, content=payload,
-                                              headers=_upstream_headers(worker, ex.request_id),
+                resp = await self.client.post(worker.config.base_url + path, content=payload, headers=headers,
                                               timeout=to.for_httpx())
         except TimeoutError:
             raise upstream_timeout(worker.name) from None
@@ -208,14 +216,14 @@ class Forwarder:
         ex.http_status = resp.status_code
         return Answer(resp.content, resp.status_code)
 
-    async def _open_stream(self, worker: Worker, path: str, payload: bytes, ex: Exchange) -> OpenedStream:
+    async def _open_stream(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str],
+                           ex: Exchange) -> OpenedStream:
         """Streaming: open the upstream stream and wait for its first bytes (within the TTFT timeout) before
         answering the client, so that a worker failing before its first token is retried or falls back like
         any other failure before the first byte."""
         to = worker.timeouts
         request = self.client.build_request("POST", worker.config.base_url + path, content=payload,
-                                            headers=_upstream_headers(worker, ex.request_id),
-                                            timeout=to.for_httpx())
+                                            headers=headers, timeout=to.for_httpx())
         deadline = asyncio.get_running_loop().time() + to.total_s
         resp: httpx.Response | None = None
         t = time.perf_counter()

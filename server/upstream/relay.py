@@ -16,10 +16,12 @@ from typing import Any
 
 import anyio
 import httpx
+from opentelemetry.trace import Span
 
 from server.errors import GatewayError, upstream_stream_error
 from server.outcome import Outcome
 from server.telemetry.record import Exchange
+from server.telemetry.tracing import end_upstream
 from server.upstream.shapes import CHAT, Seen, StreamShape
 from server.upstream.sse import EventSplitter, event_data
 from server.upstream.workers import Verdict, Worker
@@ -46,9 +48,11 @@ class StreamRelay:
     on the request's `Exchange`. `verdict` is what the worker's breaker should hear once it has ended."""
 
     def __init__(self, opened: OpenedStream, ex: Exchange, wants_usage: bool, shape: StreamShape = CHAT,
-                 on_response_id: OnResponseId | None = None) -> None:
+                 on_response_id: OnResponseId | None = None, span: Span | None = None) -> None:
         """`wants_usage`: the client asked for OpenAI's usage-only chunk (the gateway always asks the worker);
-        `shape`: the API whose stream this is; `on_response_id`: told a Responses stream's id."""
+        `shape`: the API whose stream this is; `on_response_id`: told a Responses stream's id; `span`: the trace
+        span of the call to the worker, ended with the stream."""
+        self._span = span
         self._up, self._worker, self._ex = opened, opened.worker, ex
         self._wants_usage = wants_usage
         self._shape = shape
@@ -159,3 +163,5 @@ class StreamRelay:
         finally:
             if not self._completed and self._ex.status is Outcome.OK:
                 self._ex.status = Outcome.CLIENT_DISCONNECT
+            end_upstream(self._span, self.verdict == "ok", None if self.verdict == "ok" else self._ex.status.value,
+                         self._up.response.status_code)

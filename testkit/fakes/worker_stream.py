@@ -70,6 +70,8 @@ class FakeState:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     bodies: deque[Any] = field(default_factory=lambda: deque(maxlen=50))
+    # The W3C `traceparent` header of the last requests (None when a request had none).
+    traceparents: deque[str | None] = field(default_factory=lambda: deque(maxlen=50))
     # The Responses API's stored responses (as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1 keeps them).
     responses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -82,6 +84,7 @@ class FakeState:
         self.requests = self.completed = self.errors = self.cancelled = self.dropped = 0
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.bodies.clear()
+        self.traceparents.clear()
 
     def stats(self) -> dict[str, Any]:
         """The ``GET /fake/stats`` document."""
@@ -94,6 +97,7 @@ class FakeState:
             "active": self.active,
             "last_body": self.bodies[-1] if self.bodies else None,
             "bodies": list(self.bodies),
+            "traceparents": list(self.traceparents),
         }
 
     def record(self, outcome: Outcome) -> None:
@@ -163,6 +167,8 @@ class CompletionsEndpoint:
             except orjson.JSONDecodeError as exc:
                 raise FakeRequestError(400, f"malformed JSON body: {exc}") from exc
             state.bodies.append(body)
+            parent = dict(scope["headers"]).get(b"traceparent")
+            state.traceparents.append(parent.decode() if parent is not None else None)
             job = parse_job(self.kind, body, state.model, state.max_model_len, state.base_faults(), state.responses)
             state.prompt_tokens_total += job.prompt_tokens
             tokens = job.prompt_tokens + job.completion_tokens
