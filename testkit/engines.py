@@ -65,6 +65,13 @@ def vllm_process(port: int, log_path: Path, name: str | None = None, cores: str 
                           env={"TURNOUT_VLLM_MODEL": model, **(env or {})})
 
 
+def otlp_receiver_process(port: int, log_path: Path | None = None) -> ManagedProcess:
+    """An OTLP/HTTP trace receiver (`testkit.otlp_receiver`; not yet started): `GET /spans` lists what it got."""
+    return ManagedProcess([sys.executable, "-m", "testkit.otlp_receiver", "--port", str(port)],
+                          ready_url=f"http://127.0.0.1:{port}/health", log_path=log_path, env=PY_ENV, cwd=REPO,
+                          timeout_s=30)
+
+
 def fake_process(port: int, model: str, log_path: Path | None = None, *args: str) -> ManagedProcess:
     """A fake OpenAI-compatible worker (not yet started)."""
     return ManagedProcess(

@@ -6,7 +6,6 @@ falls back shows both calls; tracing is off without the OTEL_* variables."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ import httpx
 import pytest
 
 from server.telemetry import tracing
-from testkit.engines import PY_ENV, REPO
-from testkit.procs import ManagedProcess, free_port
+from testkit.engines import otlp_receiver_process
+from testkit.procs import free_port
 from tests.api.test_live_routing import MATH, routed_config
 from tests.conftest import Upstream, fake_config, gateway_in_process
 from tests.routing_fixtures import TopicEmbedder, train_artifacts
@@ -28,11 +27,7 @@ SERVER, CLIENT = 2, 3  # OTLP's span kinds
 @pytest.fixture(scope="module")
 def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    proc = ManagedProcess([sys.executable, "-m", "testkit.otlp_receiver", "--port", str(port)],
-                          ready_url=f"http://127.0.0.1:{port}/health",
-                          log_path=tmp_path_factory.mktemp("otlp") / "receiver.log", env=PY_ENV, cwd=REPO,
-                          timeout_s=30)
-    with proc:
+    with otlp_receiver_process(port, tmp_path_factory.mktemp("otlp") / "receiver.log"):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -53,7 +48,7 @@ def traced(receiver: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def received(receiver: str, count: int) -> list[dict[str, Any]]:
-    """The spans received, once there are at least `count` of them."""
+    """The spans received, once there are at least `count` of them (or after 15 s)."""
     deadline = time.monotonic() + 15
     while True:
         spans: list[dict[str, Any]] = httpx.get(f"{receiver}/spans", timeout=5).json()

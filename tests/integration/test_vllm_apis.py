@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
-from testkit.engines import ALL_APIS_ARGS, ALL_APIS_ENV, vllm_process
+from testkit.engines import ALL_APIS_ARGS, ALL_APIS_ENV, otlp_receiver_process, vllm_process
 from testkit.procs import free_port
 from testkit.promtext import sample_sum
 from tests.conftest import Upstream, serve_gateway
@@ -41,26 +41,37 @@ WEATHER_SCHEMA: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def twin(vllm: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """A second vLLM server of the same model beside the session's."""
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An OTLP/HTTP receiver, which the gateway and the second vLLM server send their traces to."""
     port = free_port()
-    proc = vllm_process(port, tmp_path_factory.mktemp("vllm-twin") / "vllm.log", args=ALL_APIS_ARGS,
-                        env=ALL_APIS_ENV)
+    with otlp_receiver_process(port, tmp_path_factory.mktemp("otlp") / "receiver.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def twin(vllm: Upstream, receiver: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """A second vLLM server of the same model beside the session's, exporting its traces."""
+    port = free_port()
+    proc = vllm_process(port, tmp_path_factory.mktemp("vllm-twin") / "vllm.log",
+                        args=(*ALL_APIS_ARGS, "--otlp-traces-endpoint", f"{receiver}/v1/traces"),
+                        env={**ALL_APIS_ENV, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                             "OTEL_SERVICE_NAME": "vllm", "OTEL_BSP_SCHEDULE_DELAY": "100"})
     with proc:
         yield Upstream(vllm.model, f"http://127.0.0.1:{port}/v1", proc)
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm: Upstream, twin: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway(vllm: Upstream, twin: Upstream, receiver: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = {
         "workers": [{"name": "vllm-a", "model": vllm.model, "base_url": vllm.base_url, "price": PRICE},
                     {"name": "vllm-b", "model": vllm.model, "base_url": twin.base_url, "price": PRICE}],
         "policies": {"gemma": {"type": "fixed", "worker": vllm.model}},
         "default_policy": "gemma",
     }
-    with ExitStack() as stack:
-        proc, url = serve_gateway(config, Path(tmp_path_factory.mktemp("gw-apis")))
-        stack.enter_context(proc)
+    proc, url = serve_gateway(config, Path(tmp_path_factory.mktemp("gw-apis")))
+    proc.env = {**(proc.env or {}), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with proc:
         yield url
 
 
@@ -203,3 +214,25 @@ def test_structured_output_validates_against_its_schema(gateway: str, vllm: Upst
         answer = json.loads(text)
         assert set(answer) == {"city", "sunny"}, text
         assert answer["city"] in CITIES and isinstance(answer["sunny"], bool), text
+
+
+def test_the_workers_own_span_is_a_child_of_the_gateways_call(gateway: str, receiver: str) -> None:
+    """The second server exports its traces: its request's span sits under the gateway's call to it."""
+    with openai_client(gateway) as c:
+        raw = c.chat.completions.with_raw_response.create(model="vllm-b", messages=HI, max_tokens=3)
+    request_id = raw.headers["x-turnout-request-id"]
+    deadline = time.monotonic() + 30
+    while True:
+        spans: list[dict[str, Any]] = httpx.get(f"{receiver}/spans", timeout=5).json()
+        root = next((s for s in spans if s["attributes"].get("turnout.request_id") == request_id), None)
+        calls = [s for s in spans if root is not None and s["parent_span_id"] == root["span_id"]
+                 and s["service"] == "turnout"]
+        theirs = [s for s in spans if s["service"] == "vllm" and calls
+                  and s["parent_span_id"] == calls[0]["span_id"]]
+        if theirs or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert root is not None and root["attributes"]["gen_ai.response.model"] == "gemma3-270m"
+    assert len(calls) == 1 and calls[0]["name"] == "chat gemma3-270m", calls
+    assert theirs, [s["name"] for s in spans if s["service"] == "vllm"]
+    assert theirs[0]["trace_id"] == root["trace_id"]
