@@ -1,8 +1,9 @@
 """Gateway overhead over N non-streaming requests through the fake worker, side by side with direct calls:
-metrics on and off, and per-key limits on the memory store and on Redis.
+metrics on and off, per-key limits on the memory store and on Redis, and OpenTelemetry traces on (exported to a
+local OTLP receiver process) against off.
 
 Reports the gateway's own `x-turnout-overhead-ms` (time in the gateway excluding the wait on the worker),
-the client-side latency direct to the worker and through the four gateways, and each gateway's CPU per
+the client-side latency direct to the worker and through the five gateways, and each gateway's CPU per
 request, measured in one run.
 
     python -m loadtest.overhead --requests 1000 [--concurrency 8] [--out loadtest/results/overhead]
@@ -28,7 +29,7 @@ import yaml
 
 from loadtest.results_io import write_results
 from server.quota.keys import hash_key
-from testkit.engines import fake_process, gateway_process
+from testkit.engines import fake_process, gateway_process, otlp_receiver_process
 from testkit.procs import free_port
 from testkit.redis_server import RedisServer
 
@@ -81,6 +82,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "metrics off": {"server": {"metrics": False}},
     "limits, memory store": {"auth": "limits", "state": {"backend": "memory"}},
     "limits, redis store": {"auth": "limits", "state": {"backend": "redis"}},
+    "tracing on": {"tracing": True},
 }
 
 
@@ -122,18 +124,23 @@ def main() -> None:
     wport = free_port()
     ports = {arm: free_port() for arm in ARMS}
     redis_server = RedisServer(tmp / "redis.log")
+    receiver_port = free_port()
     gateways = {}
     for arm in ARMS:
         path = tmp / f"{arm.replace(' ', '-').replace(',', '')}.yaml"
         path.write_text(yaml.safe_dump(arm_config(arm, wport)))
         gateways[arm] = gateway_process(path, ports[arm], log_level="warning")
         gateways[arm].env = {**(gateways[arm].env or {}), "TURNOUT_REDIS_URL": redis_server.url}
+        if ARMS[arm].get("tracing"):  # every request sampled (the SDK's default), exported in batches
+            gateways[arm].env = {**gateways[arm].env,
+                                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}"}
     fake = fake_process(wport, "fake-model")
     levels = [int(c) for c in args.concurrency.split(",")]
     per_round = args.requests // args.rounds
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(redis_server)
+        stack.enter_context(otlp_receiver_process(receiver_port, tmp / "otlp.log"))
         stack.enter_context(fake)
         for proc in gateways.values():
             stack.enter_context(proc)
@@ -169,12 +176,15 @@ def main() -> None:
     lines = [
         f"# Gateway overhead: {args.requests} non-streaming requests per arm through the fake worker",
         "",
-        f"One run, {os.cpu_count()} CPUs shared by the load client, four gateways, Redis and the fake worker. At",
-        "each concurrency the load goes direct to the worker, then through four gateways taking turns in "
+        f"One run, {os.cpu_count()} CPUs shared by the load client, five gateways, Redis, an OTLP receiver and the "
+        "fake worker. At",
+        "each concurrency the load goes direct to the worker, then through five gateways taking turns in "
         f"{args.rounds} rounds",
-        "(the order rotated each round): metrics on (the default), `server.metrics: false`, and a client key with a",
+        "(the order rotated each round): metrics on (the default), `server.metrics: false`, a client key with a",
         "per-minute limit and a budget checked on the memory store and on Redis (`state.backend: redis`, a local",
-        "`redis-server`). All use the `fixed` policy and log at warning (no request log line).",
+        "`redis-server`), and traces on (`OTEL_EXPORTER_OTLP_ENDPOINT` set: every request sampled, its spans sent",
+        "in batches to a local OTLP/HTTP receiver process). All use the `fixed` policy and log at warning (no",
+        "request log line).",
         "`x-turnout-overhead-ms` is the gateway's time excluding the wait on the worker (which includes the",
         "upstream HTTP client's own work); the client-side difference also counts HTTP parsing and the extra hop.",
         "",
@@ -195,7 +205,8 @@ def main() -> None:
     for title, a, b in (("Metrics on against off", "metrics on", "metrics off"),
                         ("Limits on the Redis store against the memory store", "limits, redis store",
                          "limits, memory store"),
-                        ("Limits (memory store) against none", "limits, memory store", "metrics on")):
+                        ("Limits (memory store) against none", "limits, memory store", "metrics on"),
+                        ("Tracing on against off", "tracing on", "metrics on")):
         lines += ["", f"## {title} (same run)", ""]
         for r in runs:
             x, y = r["arms"][a], r["arms"][b]
