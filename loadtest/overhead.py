@@ -132,7 +132,7 @@ def main() -> None:
         gateways[arm] = gateway_process(path, ports[arm], log_level="warning")
         gateways[arm].env = {**(gateways[arm].env or {}), "TURNOUT_REDIS_URL": redis_server.url}
         if ARMS[arm].get("tracing"):  # every request sampled (the SDK's default), exported in batches
-            gateways[arm].env = {**gateways[arm].env,
+            gateways[arm].env = {**(gateways[arm].env or {}),
                                  "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}"}
     fake = fake_process(wport, "fake-model")
     levels = [int(c) for c in args.concurrency.split(",")]

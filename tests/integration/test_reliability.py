@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import httpx2
 import openai
@@ -85,6 +86,38 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_event_and_done
     assert error["code"] == "upstream_stream_error" and "mid-stream" in error["message"]
     assert all("choices" in json.loads(e) for e in events[:-2]), "only the worker's chunks before the error"
     assert sample_sum(f"{url}/metrics", "turnout_requests_total", status="stream_error") == 1
+    assert sample_sum(f"{url}/metrics", "turnout_requests_total", status="ok") == 0
+
+
+def test_a_worker_killed_mid_stream_on_responses_and_messages_ends_with_each_apis_error_event(
+        tmp_path: Path, stack: ExitStack) -> None:
+    """Through the openai SDK (Responses) and the anthropic SDK (Messages): each stream ends with its API's own
+    `error` event (which the anthropic SDK raises), each counted as `stream_error`."""
+    one = stack.enter_context(start_fake("fake-one", tmp_path))
+    two = stack.enter_context(start_fake("fake-two", tmp_path))
+    proc, url = serve_gateway(gateway_config([worker("one", one, "fake-one"), worker("two", two, "fake-two")]),
+                              tmp_path)
+    stack.enter_context(proc)
+    seen: list[str] = []
+    with sdk(url).responses.create(model="one", input="hello there", max_output_tokens=200, stream=True,
+                                   extra_body={"fake": {"itl_ms": 50}}) as events:
+        for event in events:
+            seen.append(event.type)
+            if seen.count("response.output_text.delta") == 3:
+                one.kill()
+    assert seen[-1] == "error" and "response.completed" not in seen
+    assert event.type == "error" and event.code == "upstream_stream_error" and "mid-stream" in event.message
+    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=30)
+    texts: list[str] = []
+    with (pytest.raises(anthropic.APIStatusError) as broken,
+          client.messages.stream(model="two", max_tokens=200, messages=MSG,
+                                 extra_body={"fake": {"itl_ms": 50}}) as stream):
+        for text in stream.text_stream:
+            texts.append(text)
+            if len(texts) == 3:
+                two.kill()
+    assert len(texts) >= 3 and "mid-stream" in broken.value.message
+    assert sample_sum(f"{url}/metrics", "turnout_requests_total", status="stream_error") == 2
     assert sample_sum(f"{url}/metrics", "turnout_requests_total", status="ok") == 0
 
 
