@@ -331,3 +331,23 @@ def test_keys_added_and_revoked_at_run_time_reach_every_replica(fakes: dict[str,
         while {status(u, key) for u in urls} | {status(u, made.json()["key"]) for u in urls} != {401}:
             assert time.monotonic() < deadline, "revoked keys still accepted"
             time.sleep(0.5)
+
+
+def test_a_response_made_through_one_replica_is_found_through_the_others(cluster: Cluster) -> None:
+    """The worker holding a Responses API response is remembered in Redis: a follow-up and a retrieval through
+    another replica reach it (a replica that had only its own memory would not know the id: 404), and for
+    another key the id does not exist on any replica."""
+    free, budgeted = {"authorization": "Bearer tk-free"}, {"authorization": "Bearer tk-budgeted"}
+    made = httpx.post(f"{cluster.urls[0]}/v1/responses", headers=free, timeout=30,
+                      json={"model": "small", "input": "one two three", "max_output_tokens": 2})
+    assert made.status_code == 200, made.text
+    rid = made.json()["id"]
+    for url in cluster.urls[1:]:
+        got = httpx.get(f"{url}/v1/responses/{rid}", headers=free, timeout=30)
+        assert got.status_code == 200 and got.json()["id"] == rid, got.text
+        follow = httpx.post(f"{url}/v1/responses", headers=free, timeout=30,
+                            json={"model": "small", "input": "four", "previous_response_id": rid,
+                                  "max_output_tokens": 1})
+        assert follow.status_code == 200 and follow.headers["x-turnout-model"] == "small", follow.text
+        other = httpx.get(f"{url}/v1/responses/{rid}", headers=budgeted, timeout=30)
+        assert other.status_code == 404 and other.json()["error"]["code"] == "response_not_found"
