@@ -64,7 +64,7 @@ class GatewayState:
         bound = 2 * config.server.feedback_max_requests
         self.store = make_store(config.state, max_entries=bound)
         self.guard = StoreGuard(self.store, config.state.on_failure, self.metrics, max_entries=bound)
-        self.limits = Limits(self.guard, self.metrics.limited)
+        self.limits = Limits(self.guard, self.metrics.limited, self.metrics.hold_overruns)
         self.stored_keys = StoredKeys()
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time(), keys=KeyBook(config.auth))
         self.metrics.watch(lambda: self.live.reading())

@@ -47,7 +47,12 @@ from server.policy.selection import (
 )
 from server.policy.table import POLICY_HEADER
 from server.quota.admission import (
+    CHAT_LENGTH,
     COMPLETION_LENGTH,
+    MESSAGES_LENGTH,
+    NO_ANSWER,
+    RESPONSES_LENGTH,
+    AnswerLength,
     Bounds,
     admit,
     bound_answer,
@@ -76,23 +81,22 @@ class Endpoint:
     path: str
     schema: type[OpenAIRequest]
     pooling: bool = False
-    length_fields: tuple[str, ...] = COMPLETION_LENGTH
+    length: AnswerLength = CHAT_LENGTH
     shape: StreamShape = CHAT
     dialect: Dialect = "openai"
     metered: bool = True  # False: the answer costs nothing (counting tokens generates none and is free)
 
 
 CHAT_EP = Endpoint("chat", "/chat/completions", ChatCompletionRequest)
-COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest)
-RESPONSES_EP = Endpoint("responses", "/responses", ResponsesRequest, length_fields=("max_output_tokens",),
-                        shape=RESPONSES)
-MESSAGES_EP = Endpoint("messages", "/messages", MessagesRequest, length_fields=("max_tokens",), shape=MESSAGES,
+COMPLETIONS = Endpoint("completions", "/completions", CompletionRequest, length=COMPLETION_LENGTH)
+RESPONSES_EP = Endpoint("responses", "/responses", ResponsesRequest, length=RESPONSES_LENGTH, shape=RESPONSES)
+MESSAGES_EP = Endpoint("messages", "/messages", MessagesRequest, length=MESSAGES_LENGTH, shape=MESSAGES,
                        dialect="anthropic")
-COUNT_TOKENS = Endpoint("count_tokens", "/messages/count_tokens", CountTokensRequest, length_fields=(),
+COUNT_TOKENS = Endpoint("count_tokens", "/messages/count_tokens", CountTokensRequest, length=NO_ANSWER,
                         dialect="anthropic", metered=False)
-EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True, length_fields=())
-RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True, length_fields=())
-SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True, length_fields=())
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, pooling=True, length=NO_ANSWER)
+RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True, length=NO_ANSWER)
+SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True, length=NO_ANSWER)
 
 
 def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
@@ -150,12 +154,12 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     body.pop("turnout", None)  # the gateway's own field; workers never see it
     inp = route_input(request, body, req)
     key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-    bounds = Bounds(endpoint.length_fields)
+    bounds = Bounds(endpoint.length)
     follow_up = body.get("previous_response_id") if endpoint is RESPONSES_EP else None
     if follow_up is not None:  # the conversation lives in one worker's memory: it goes there, whatever the model
         worker, owner = await owner_of(gw, live, key, follow_up)
         inp = dataclasses.replace(inp, model=worker.name, options=None, header_policy=None)
-        bounds = Bounds(endpoint.length_fields, carried_tokens=owner.tokens)
+        bounds = Bounds(endpoint.length, carried_tokens=owner.tokens)
     if live.table.policy_for(inp.model, explicit_policy(inp)) is None:
         check_worker_kind(live, inp.model, endpoint)
     elif endpoint.pooling:

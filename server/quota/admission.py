@@ -28,29 +28,53 @@ def check_access(key: KeyRecord, policy: str | None, model: str) -> None:
         raise forbidden(f"Key '{key.name}' may not call '{model}' directly.", "model")
 
 
-#: The fields that bound the answer's length on chat and text completions (engines differ on which wins).
-COMPLETION_LENGTH = ("max_tokens", "max_completion_tokens")
+@dataclasses.dataclass(frozen=True, slots=True)
+class AnswerLength:
+    """How the worker bounds an answer's length on one endpoint, as vLLM reads its request: the fields it honours,
+    the first one set winning, and its default when none is (None: no bound short of the context window)."""
+
+    fields: tuple[str, ...]
+    default: int | None
+
+    def most(self, body: dict[str, Any]) -> int | None:
+        """The most tokens one answer may have (None: unbounded)."""
+        for name in self.fields:
+            value = body.get(name)
+            if value is not None:
+                return int(value)
+        return self.default
+
+
+#: vLLM's chat: `max_completion_tokens` if set, else `max_tokens`, else up to the context window.
+CHAT_LENGTH = AnswerLength(("max_completion_tokens", "max_tokens"), None)
+#: vLLM's text completions: `max_tokens` only (`max_completion_tokens` is ignored there), 16 when unset.
+COMPLETION_LENGTH = AnswerLength(("max_tokens",), 16)
+#: The Responses API's `max_output_tokens`; Anthropic's `max_tokens` (required).
+RESPONSES_LENGTH = AnswerLength(("max_output_tokens",), None)
+MESSAGES_LENGTH = AnswerLength(("max_tokens",), None)
+#: Endpoints that generate nothing (embeddings, scores, token counts).
+NO_ANSWER = AnswerLength((), 0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bounds:
-    """How a request's worst case is read: the body fields the worker honours as the answer's length bound
-    (empty: it generates nothing, as an embedding), and the prompt tokens it carries along that are not in its
-    body (a Responses follow-up continues a conversation the worker keeps)."""
+    """How a request's worst case is read: how its endpoint bounds the answer, and the prompt tokens it carries
+    along that are not in its body (a Responses follow-up continues a conversation the worker keeps)."""
 
-    length_fields: tuple[str, ...] = COMPLETION_LENGTH
+    length: AnswerLength = CHAT_LENGTH
     carried_tokens: int = 0
 
 
 def bound_answer(key: KeyRecord, body: dict[str, Any], default_max_tokens: int, bounds: Bounds) -> None:
-    """Give the answer a length bound when the key has a budget or a token limit and the client set none:
-    a worst case needs one, or a request could spend past the budget. The bound goes in the endpoint's own
-    field (`max_output_tokens` on the Responses API)."""
+    """Give the answer a length bound when the key has a budget or a token limit and the worker would have none:
+    a worst case needs one, or a request could spend past the budget. The bound goes in the field the worker
+    honours on that endpoint (`max_output_tokens` on the Responses API); an endpoint with a default bound (text
+    completions' 16) keeps it."""
     c = key.config
-    if not bounds.length_fields or (c.budget_usd is None and c.tokens_per_minute is None):
+    if c.budget_usd is None and c.tokens_per_minute is None:
         return
-    if not any(body.get(f) for f in bounds.length_fields):
-        body[bounds.length_fields[0]] = default_max_tokens
+    if bounds.length.fields and bounds.length.most(body) is None:
+        body[bounds.length.fields[-1]] = default_max_tokens
 
 
 async def admit(limits: Limits, key: KeyRecord, body: dict[str, Any], prices: Mapping[str, Price],
@@ -59,7 +83,7 @@ async def admit(limits: Limits, key: KeyRecord, body: dict[str, Any], prices: Ma
     (429 past either). `prices`: each candidate target's price, whose worst cases the hold must cover."""
     worst: dict[str, float] = {}
     if key.config.budget_usd is not None:
-        prompt, out = prompt_tokens_bound(body) + bounds.carried_tokens, _max_out(body, bounds.length_fields)
+        prompt, out = prompt_tokens_bound(body) + bounds.carried_tokens, _max_out(body, bounds.length)
         worst = {t: price.cost_usd(prompt, out) for t, price in prices.items()}
     adm = await limits.admit(key, worst_tokens(body, bounds), worst)
     adm.worst_usd = worst
@@ -74,13 +98,16 @@ async def settle(limits: Limits, adm: Admission, ex: Exchange) -> None:
         await limits.settle(adm, adm.usd_held, adm.tokens_held or None)
         return
     used = (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
+    if adm.budget_key is not None and ex.cost_usd is not None and ex.cost_usd > adm.usd_held * (1 + 1e-9) + 1e-15:
+        limits.overrun(adm, ex.cost_usd, ex.request_id)
     await limits.settle(adm, ex.cost_usd, used)
 
 
-def _max_out(body: dict[str, Any], fields: tuple[str, ...]) -> int:
-    """The most answer tokens: the largest of the length `fields` set, for each of n answers to each prompt of
-    a batched completion."""
-    out = max((int(body.get(f) or 0) for f in fields), default=0)
+def _max_out(body: dict[str, Any], length: AnswerLength) -> int:
+    """The most answer tokens: one answer's bound (0 when unbounded: only a key without budget or token limit
+    sends such a request, and nothing is held for it), for each of n answers to each prompt of a batched
+    completion."""
+    out = length.most(body) or 0
     n = int(body.get("n") or 1)
     prompt = body.get("prompt")
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
@@ -90,7 +117,7 @@ def _max_out(body: dict[str, Any], fields: tuple[str, ...]) -> int:
 def worst_tokens(body: dict[str, Any], bounds: Bounds = Bounds()) -> int:
     """The most tokens the request can use: its prompt's upper bound (with what it carries along) plus the
     answer's bound for each of n answers."""
-    return prompt_tokens_bound(body) + bounds.carried_tokens + _max_out(body, bounds.length_fields)
+    return prompt_tokens_bound(body) + bounds.carried_tokens + _max_out(body, bounds.length)
 
 
 def within_budget(inp: RouteInput, adm: Admission) -> RouteInput:

@@ -110,9 +110,18 @@ class Admission:
 class Limits:
     """Checks and charges per-key limits on the shared store (through `guard`: fail open or closed)."""
 
-    def __init__(self, guard: StoreGuard, limited: Counter) -> None:
-        """`limited`: `turnout_limited_requests_total{key, limit}`, counted at every refusal."""
-        self.guard, self.limited = guard, limited
+    def __init__(self, guard: StoreGuard, limited: Counter, overruns: Counter | None = None) -> None:
+        """`limited`: `turnout_limited_requests_total{key, limit}`, counted at every refusal; `overruns`:
+        `turnout_hold_overruns_total{key}`, counted when a request spent more than its hold."""
+        self.guard, self.limited, self.overruns = guard, limited, overruns
+
+    def overrun(self, adm: Admission, spent_usd: float, request_id: str) -> None:
+        """A request spent more than its hold: the worst case was wrong. It is charged what it spent (the settle
+        does); this says so, in the metrics and the log."""
+        if self.overruns is not None:
+            self.overruns.labels(adm.key.name).inc()
+        log.warning("request %s of key %s spent $%.9f, past its budget hold of $%.9f (charged in full)",
+                    request_id, adm.key.name, spent_usd, adm.usd_held)
 
     async def _run(self, op: str, fn: Callable[[Store], Awaitable[T]], local: bool = False) -> tuple[T, bool]:
         return await self.guard.run(op, fn, critical=True, local=local)

@@ -125,6 +125,10 @@ class Metrics:
         self.limited = Counter(
             "turnout_limited_requests", "Requests refused (429) by a key's limit.", ["key", "limit"], registry=r,
         )
+        self.hold_overruns = Counter(
+            "turnout_hold_overruns", "Requests that cost more than their budget hold (a worst case the worker "
+            "exceeded): charged what they spent, and logged.", ["key"], registry=r,
+        )
         self.store_up = Gauge("turnout_store_up", "1 when the last shared-state operation reached the store.",
                               registry=r)
         self.store_up.set(1)

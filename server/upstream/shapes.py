@@ -101,7 +101,10 @@ def _read_chat(data: bytes, want_text: bool) -> Seen:
         return Seen(failed=True, texts=texts)
     usage = obj.get("usage")
     if isinstance(usage, dict) and usage:
-        return Seen(usage=usage, usage_only=not obj.get("choices"), texts=texts)
+        # Only the usage-only chunk at the end is the whole answer's: with `continuous_usage_stats` every chunk
+        # carries the usage so far, which a stream cut short must not be charged as (it may have generated more).
+        last = not obj.get("choices")
+        return Seen(usage=usage, usage_only=last, usage_final=last, texts=texts)
     return Seen(texts=texts) if texts else _NOTHING
 
 

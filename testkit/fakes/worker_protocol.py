@@ -287,6 +287,7 @@ class CompletionJob:
     faults: Faults
     answer_id: str = ""
     previous_response_id: str | None = None
+    continuous_usage: bool = False  # `stream_options.continuous_usage_stats`: usage on every chunk, as vLLM does
 
 
 #: `--model '*'`: serve whatever model a request names, and answer as that model.
@@ -335,8 +336,9 @@ def parse_job(kind: Kind, body: object, served_model: str, max_model_len: int, b
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    continuous = include_usage and isinstance(options, dict) and options.get("continuous_usage_stats") is True
     return CompletionJob(kind, served_model, prompt_tokens, completion_tokens, stream, include_usage, faults,
-                         new_id(kind), previous)
+                         new_id(kind), previous, continuous)
 
 
 def _usage(job: CompletionJob) -> dict[str, int]:
@@ -449,4 +451,11 @@ def stream_frames(job: CompletionJob) -> StreamFrames:
         tail = chunk({"text": ""}, "length")
     if job.include_usage and not job.faults.no_usage:
         tail += sse({**common, "choices": [], "usage": _usage(job)})
+    if job.continuous_usage and not job.faults.no_usage:  # each token's chunk says the usage so far
+        field = {"delta": {"content": piece}} if job.kind == "chat" else {"text": piece}
+        tokens = [sse({**common, "choices": [{"index": 0, **field, "logprobs": None, "finish_reason": None}],
+                       "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": i + 1,
+                                 "total_tokens": job.prompt_tokens + i + 1}})
+                  for i in range(job.completion_tokens)]
+        return StreamFrames(head, token, tail + SSE_DONE, tokens)
     return StreamFrames(head, token, tail + SSE_DONE)
