@@ -44,6 +44,13 @@ class Live:
         )
 
 
+def target_names(live: Live, target: str) -> list[str]:
+    """Every name a target (a worker or a model) is known by: itself, its model, the workers serving it. A key's
+    `models` list may name any of them."""
+    workers = live.registry.resolve(target)
+    return list(dict.fromkeys([target, *(w.model for w in workers), *(w.name for w in workers)]))
+
+
 def needs_embedder(config: TurnoutConfig) -> bool:
     """Whether any policy type of `config` looks at prompt embeddings (before building anything)."""
     return any(spec.type in ("knn", "cost_aware", "bandit") for spec in config.policies.values())

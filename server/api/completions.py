@@ -55,6 +55,7 @@ from server.quota.admission import (
     AnswerLength,
     Bounds,
     admit,
+    allowed_candidates,
     bound_answer,
     check_access,
     keep_within_hold,
@@ -62,7 +63,7 @@ from server.quota.admission import (
 )
 from server.quota.keys import KeyRecord
 from server.quota.keystore import authenticate, presented_key
-from server.snapshot import Live
+from server.snapshot import Live, target_names
 from server.telemetry.record import Exchange
 from server.telemetry.tracing import OPERATIONS, detach, request_span
 from server.upstream.forward import Call
@@ -99,10 +100,14 @@ RERANK = Endpoint("rerank", "/rerank", RerankRequest, pooling=True, length=NO_AN
 SCORE = Endpoint("score", "/score", ScoreRequest, pooling=True, length=NO_ANSWER)
 
 
-def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest) -> RouteInput:
+def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest, key: KeyRecord | None) -> RouteInput:
     """What routing needs from a validated request: the text a policy reads (the last user message; see
-    `prompt_text`), the per-request routing choices, and the session for affinity."""
+    `prompt_text`), the per-request routing choices, and the session for affinity. Sessions are named by
+    clients, so a session is the key's own: another key naming the same session neither joins it nor learns
+    where it is pinned."""
     session = request.headers.get(SESSION_HEADER) or req.session()
+    if session and key is not None:
+        session = f"{key.name}\x00{session}"
     return RouteInput(model=req.model, text=prompt_text(body), options=req.turnout,
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
@@ -142,6 +147,8 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     ex = life.ex
     live = gw.live  # one snapshot for the whole request, whatever a reload does meanwhile
     srv = live.config.server
+    # Who is asking comes first: a client without a valid key costs the gateway no body read, parse or check.
+    key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
     body = decode_json(await read_body(request, srv.max_body_bytes))
     req = validate_body(endpoint.schema, body)
     ex.requested_model = req.model
@@ -152,8 +159,7 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
         ex.prompt_log = next((body[f] for f in ("messages", "prompt", "input") if f in body), None)
         ex.completion_parts = []
     body.pop("turnout", None)  # the gateway's own field; workers never see it
-    inp = route_input(request, body, req)
-    key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
+    inp = route_input(request, body, req, key)
     bounds = Bounds(endpoint.length)
     follow_up = body.get("previous_response_id") if endpoint is RESPONSES_EP else None
     if follow_up is not None:  # the conversation lives in one worker's memory: it goes there, whatever the model
@@ -213,7 +219,11 @@ async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, 
     """A keyed request's admission: what it may use (403), its limits and budget hold (429); routing then keeps
     within what the hold covers. `bounds`: how the request's worst case is read (the answer gets a length bound
     when the key needs one)."""
-    check_access(key, live.table.policy_for(inp.model, explicit_policy(inp)), inp.model)
+    policy = live.table.policy_for(inp.model, explicit_policy(inp))
+    check_access(key, policy, *target_names(live, inp.model))
+    if policy is not None:
+        inp = allowed_candidates(key, inp, candidate_targets(live.table, live.registry, inp),
+                                 lambda t: target_names(live, t))
     bound_answer(key, body, live.config.server.default_max_tokens, bounds)
     prices = {}
     if key.config.budget_usd is not None:

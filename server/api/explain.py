@@ -16,9 +16,10 @@ from server.api.protocol import ChatCompletionRequest, validate_body
 from server.api.responses import json_response
 from server.errors import GatewayError, error_response
 from server.gateway import GatewayState
-from server.policy.selection import explicit_policy, select
-from server.quota.keys import forbidden
+from server.policy.selection import candidate_targets, explicit_policy, select
+from server.quota.admission import allowed_candidates, check_access
 from server.quota.keystore import authenticate, presented_key
+from server.snapshot import target_names
 
 
 def decisionjson_response(d: RoutingDecision) -> dict[str, Any]:
@@ -41,10 +42,13 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)
         check_limits(body, live.config.server)
-        inp = route_input(request, body, req)
+        inp = route_input(request, body, req, key)
         policy = live.table.policy_for(inp.model, explicit_policy(inp))
-        if key is not None and policy is not None and not key.allows_policy(policy):
-            raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
+        if key is not None:  # what the key may reach, as for a real request
+            check_access(key, policy, *target_names(live, inp.model))
+            if policy is not None:
+                inp = allowed_candidates(key, inp, candidate_targets(live.table, live.registry, inp),
+                                         lambda t: target_names(live, t))
         sel = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, request_id, dry_run=True)
     except GatewayError as err:
         return error_response(err, {"x-turnout-request-id": request_id})

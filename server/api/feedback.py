@@ -27,22 +27,23 @@ class FeedbackBody(BaseModel):
 
 async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/feedback {request_id, score}`: 200 accepted (or ignored as a repeat), 404 for an id not
-    routed here or too long ago, 400 for a bad body."""
+    routed here, routed for another key, or too long ago, 400 for a bad body."""
     try:
-        await authenticate(gw.live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
+        key = await authenticate(gw.live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
         raw = decode_json(await read_body(request, 64 * 1024))
         try:
             fb = FeedbackBody.model_validate(raw)
         except ValidationError as exc:
             raise invalid_body(exc) from None
-        result, policy = await gw.feedback.give(fb.request_id, fb.score, dict(gw.live.table.routers))
+        result, policy = await gw.feedback.give(fb.request_id, fb.score, dict(gw.live.table.routers),
+                                                key.name if key is not None else None)
     except GatewayError as err:
         return error_response(err)
     if result == "unknown":
         gw.metrics.feedback.labels("", "unknown").inc()
         return error_response(GatewayError(
-            404, f"No routed request '{fb.request_id}' is open for feedback (unknown, or older than "
-            f"{gw.feedback.ttl_s:g} s).", param="request_id", code="request_not_found"))
+            404, f"No routed request '{fb.request_id}' of this key is open for feedback (unknown, made with another "
+            f"key, or older than {gw.feedback.ttl_s:g} s).", param="request_id", code="request_not_found"))
     gw.metrics.feedback.labels(policy or "", result).inc()
     if result == "duplicate":
         return json_response({"status": "ignored", "reason": "feedback for this request was already given",

@@ -97,7 +97,7 @@ class RequestLife:
         if sel.router is None or sel.decision is None:
             return
         d = sel.decision
-        record = self._parts.feedback.make_record(ex.request_id, sel.router, d.policy, d.version, d.chosen)
+        record = self._parts.feedback.make_record(ex.request_id, sel.router, d.policy, d.version, d.chosen, ex.key)
         self._parts.spawn(self._parts.feedback.put(ex.request_id, record))
         self._told = _Told(sel.router, d, record)
 

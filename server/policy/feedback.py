@@ -30,6 +30,7 @@ class FeedbackRecord:
     features: list[float] | None = None  # a bandit's feature vector for this request
     arm: int | None = None
     cost_usd: float | None = None  # a bandit's: written again with the cost when the request ends
+    key: str | None = None  # the client key that made the request: only it may score the answer
 
 
 class FeedbackBook:
@@ -42,9 +43,11 @@ class FeedbackBook:
         self.guard, self.ttl_s, self.grace_s = guard, ttl_s, grace_s
 
     @staticmethod
-    def make_record(request_id: str, router: Router, policy: str, version: str, chosen: str) -> FeedbackRecord:
-        """A routed request's record (with the bandit's features when the policy learns from feedback)."""
-        rec = FeedbackRecord(policy, version, chosen)
+    def make_record(request_id: str, router: Router, policy: str, version: str, chosen: str,
+                    key: str | None = None) -> FeedbackRecord:
+        """A routed request's record (with the bandit's features when the policy learns from feedback), and the
+        client key that made it (None with auth off)."""
+        rec = FeedbackRecord(policy, version, chosen, key=key)
         if isinstance(router, BanditRouter) and (ctx := router.context(request_id)) is not None:
             rec.features, rec.arm = [float(v) for v in ctx[0]], ctx[1]
         return rec
@@ -53,16 +56,18 @@ class FeedbackBook:
         """Remember a routed request."""
         await self.put(request_id, self.make_record(request_id, router, policy, version, chosen))
 
-    async def give(self, request_id: str, score: float, routers: dict[str, Router]) -> tuple[str, str | None]:
-        """Feed `score` to the policy that routed `request_id` (this replica's instance in `routers`).
-        Returns ("accepted", policy), ("duplicate", policy) for a second score (ignored), or ("unknown", None)
-        for an id never routed or routed more than `ttl_s` ago."""
+    async def give(self, request_id: str, score: float, routers: dict[str, Router],
+                   key: str | None = None) -> tuple[str, str | None]:
+        """Feed `score` from client key `key` to the policy that routed `request_id` (this replica's instance in
+        `routers`). Returns ("accepted", policy), ("duplicate", policy) for a second score (ignored), or
+        ("unknown", None) for an id never routed, routed more than `ttl_s` ago, or routed for another key (to
+        which it is as unknown: its score neither counts nor uses up the owner's)."""
         rec = await self._get(request_id)
         deadline = time.monotonic() + self.grace_s
         while rec is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
             rec = await self._get(request_id)
-        if rec is None:
+        if rec is None or rec.key != key:
             return "unknown", None
         claimed, _ = await self.guard.run("claim", lambda s: s.claim(f"{PREFIX}{request_id}:scored", self.ttl_s))
         if not claimed:

@@ -20,12 +20,30 @@ from server.telemetry.record import Exchange
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
-def check_access(key: KeyRecord, policy: str | None, model: str) -> None:
-    """403 unless the key may use `policy` (or, with no policy, call `model` directly)."""
+def check_access(key: KeyRecord, policy: str | None, *names: str) -> None:
+    """403 unless the key may use `policy` (or, with no policy, call the worker or model known by `names`
+    directly). Restrictions compose: see `KeyRecord.allows_direct` and `allowed_candidates`."""
     if policy is not None and not key.allows_policy(policy):
         raise forbidden(f"Key '{key.name}' may not use policy '{policy}'.", "model")
-    if policy is None and not key.allows_model(model):
-        raise forbidden(f"Key '{key.name}' may not call '{model}' directly.", "model")
+    if policy is None and not key.allows_direct(*names):
+        raise forbidden(f"Key '{key.name}' may not call '{names[0]}' directly.", "model")
+
+
+def allowed_candidates(key: KeyRecord, inp: RouteInput, candidates: list[str],
+                       names_of: Callable[[str], list[str]]) -> RouteInput:
+    """A policy's candidates cut to the models the key may reach (its `models` list), so neither the policy's
+    choice, nor its fallbacks, nor a client's `turnout.candidates` can go past them; 403 when none is left.
+    `names_of`: every name a target is known by (itself, its model, its workers)."""
+    if not key.config.models:
+        return inp
+    allowed = [t for t in candidates if key.allows_model(*names_of(t))]
+    if not allowed:
+        raise forbidden(f"Key '{key.name}' may reach none of this policy's candidates ({', '.join(candidates)}).",
+                        "model")
+    if allowed == candidates:
+        return inp
+    opts = inp.options or RouteOptions()
+    return dataclasses.replace(inp, options=opts.model_copy(update={"candidates": allowed}))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -42,9 +42,17 @@ class KeyRecord:
         """Whether the key may use this routing policy."""
         return not self.config.policies or policy in self.config.policies
 
-    def allows_model(self, target: str) -> bool:
-        """Whether the key may call this worker or model directly."""
-        return not self.config.models or target in self.config.models
+    def allows_model(self, *names: str) -> bool:
+        """Whether the key may reach a worker or model known by any of `names` (a worker's name, its model's):
+        always when it has no `models` list."""
+        return not self.config.models or any(n in self.config.models for n in names)
+
+    def allows_direct(self, *names: str) -> bool:
+        """Whether the key may name a worker or model directly (no policy choosing). Restrictions compose: a
+        key limited to some policies and no models may call no model directly."""
+        if self.config.models:
+            return self.allows_model(*names)
+        return not self.config.policies
 
 
 def unauthorized(message: str) -> GatewayError:
