@@ -155,19 +155,21 @@ def from_httpx(exc: httpx.HTTPError, worker: str) -> GatewayError:
 
 def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayError:
     """Map a worker's non-2xx answer: 4xx passes through with its message, 5xx becomes 502."""
-    message, etype, param, code = _upstream_error_fields(content)
+    message, _worker_type, param, code = _upstream_error_fields(content)
     if status in (401, 403):
         # The client's key is not what the worker checks (the gateway's worker key is): a gateway
         # configuration problem, not the client's.
         return GatewayError(502, f"Worker '{worker}' refused the gateway's credentials ({status}).",
                             type="server_error", code="upstream_auth_failed", upstream_status=status)
     if 400 <= status < 500:
+        # The worker's message, in OpenAI's error schema: vLLM's `type` is an exception's name (`BadRequestError`)
+        # and its `code` the status as an integer, which OpenAI's clients do not expect there.
         return GatewayError(
             status,
             message or f"Worker '{worker}' answered {status}.",
-            type=etype or "invalid_request_error",
+            type="rate_limit_exceeded" if status == 429 else "invalid_request_error",
             param=param,
-            code=code if code is not None else status,
+            code=code if isinstance(code, str) else _WORKER_CODES.get(status, "invalid_request"),
             upstream_status=status,
         )
     return GatewayError(
@@ -177,6 +179,10 @@ def from_upstream_status(worker: str, status: int, content: bytes) -> GatewayErr
         code="upstream_error",
         upstream_status=status,
     )
+
+
+#: A worker's 4xx status as an OpenAI-style error code, when the worker gave none as a string.
+_WORKER_CODES = {404: "not_found", 409: "conflict", 413: "payload_too_large", 429: "rate_limit_exceeded"}
 
 
 def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str | None, str | int | None]:

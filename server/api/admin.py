@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from server.api.body import decode_json, read_body
+from server.api.body import read_json
 from server.api.protocol import invalid_body
 from server.api.responses import json_response
 from server.config import ConfigError, KeyConfig
@@ -99,7 +99,7 @@ async def handle_keys(request: Request, gw: GatewayState, name: str | None = Non
                 raise GatewayError(404, f"No stored key named '{name}' (keys from the config are revoked by "
                                         "editing it).", code="key_not_found")
             return json_response({"revoked": name})
-        raw = decode_json(await read_body(request, 64 * 1024))
+        raw = await read_json(request, 64 * 1024)
         if not isinstance(raw, dict) or "key_sha256" in raw or "key_env" in raw:
             raise bad_request("Send the key's rules as a JSON object (name, policies, models, requests_per_minute, "
                               "tokens_per_minute, budget_usd, budget_period); the gateway makes the key.")

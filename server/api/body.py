@@ -29,6 +29,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body: declared as `application/json` (as vLLM requires: a form or plain text is a 400
+    here too, never guessed at), at most `limit` bytes (413), and valid JSON (400)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise bad_request(f"Unsupported media type '{media or 'none'}': send the body as application/json.")
+    return decode_json(await read_body(request, limit))
+
+
 def decode_json(raw: bytes) -> Any:
     """Parse a JSON body; 400 with the parser's reason when it is not JSON."""
     if not raw.strip():

@@ -17,7 +17,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from server.api.body import decode_json, read_body, until_disconnect
+from server.api.body import read_json, until_disconnect
 from server.api.input_limits import check_limits
 from server.api.lifecycle import LifeParts, RequestLife
 from server.api.prompts import prompt_text
@@ -149,7 +149,7 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     srv = live.config.server
     # Who is asking comes first: a client without a valid key costs the gateway no body read, parse or check.
     key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-    body = decode_json(await read_body(request, srv.max_body_bytes))
+    body = await read_json(request, srv.max_body_bytes)
     req = validate_body(endpoint.schema, body)
     ex.requested_model = req.model
     check_limits(body, srv)

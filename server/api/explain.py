@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from routers.base import RoutingDecision
-from server.api.body import decode_json, read_body
+from server.api.body import read_json
 from server.api.completions import route_input
 from server.api.input_limits import check_limits
 from server.api.protocol import ChatCompletionRequest, validate_body
@@ -38,7 +38,7 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-        body = decode_json(await read_body(request, live.config.server.max_body_bytes))
+        body = await read_json(request, live.config.server.max_body_bytes)
         req = validate_body(ChatCompletionRequest, body)
         assert isinstance(req, ChatCompletionRequest)
         check_limits(body, live.config.server)

@@ -8,7 +8,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.responses import Response
 
-from server.api.body import decode_json, read_body
+from server.api.body import read_json
 from server.api.protocol import invalid_body
 from server.api.responses import json_response
 from server.errors import GatewayError, error_response
@@ -30,7 +30,7 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     routed here, routed for another key, or too long ago, 400 for a bad body."""
     try:
         key = await authenticate(gw.live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-        raw = decode_json(await read_body(request, 64 * 1024))
+        raw = await read_json(request, 64 * 1024)
         try:
             fb = FeedbackBody.model_validate(raw)
         except ValidationError as exc:

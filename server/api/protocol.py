@@ -248,8 +248,11 @@ def validate_body(schema: type[OpenAIRequest], body: Any) -> OpenAIRequest:
         req = schema.model_validate(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        # Union members each report an error; the shortest location is the field the client wrote.
-        first = min(errors, key=lambda e: len(e["loc"]))
+        # Union members each report an error. Those saying the value is not of a member's type only say which
+        # member it was not (content that is a list "should be a valid string"): when another error says what is
+        # wrong inside the member it is, that one is meant. Then the shortest location is the field written.
+        telling = [e for e in errors if not e["type"].endswith("_type")] or errors
+        first = min(telling, key=lambda e: len(e["loc"]))
         loc = tuple(p for p in first["loc"] if not _is_union_tag(p))
         param = field_path(loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

@@ -86,10 +86,19 @@ def period(kind: str, now: float) -> tuple[str, float]:
     return start.strftime("%Y%m"), days * 86400 - (now - start.timestamp())
 
 
-def too_many(message: str, retry_after_s: float, code: str) -> GatewayError:
-    """429 with `Retry-After` (whole seconds, at least 1)."""
+def too_many(message: str, retry_after_s: float, code: str, headers: dict[str, str] | None = None) -> GatewayError:
+    """429 with `Retry-After` (whole seconds, at least 1), and any `x-ratelimit-*` headers."""
     return GatewayError(429, message, type="rate_limit_exceeded", code=code,
-                        headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
+                        headers={"retry-after": str(max(1, math.ceil(retry_after_s))), **(headers or {})})
+
+
+def ratelimit_headers(kind: str, limit: int, retry_after_s: float, remaining: int | None = None) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for one per-minute limit (`kind`: "requests" or "tokens"), which clients
+    and SDKs read to pace themselves; `remaining` left out when it is not known."""
+    out = {f"x-ratelimit-limit-{kind}": str(limit), f"x-ratelimit-reset-{kind}": f"{max(0.0, retry_after_s):.3f}s"}
+    if remaining is not None:
+        out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+    return out
 
 
 @dataclass(slots=True)
@@ -150,10 +159,12 @@ class Limits:
             if windows[got.window][0].startswith("turnout:rpm:"):
                 self.limited.labels(key.name, "requests_per_minute").inc()
                 raise too_many(f"Key '{key.name}' is over its limit of {c.requests_per_minute} requests per "
-                               "minute.", got.wait_s, "rate_limit_exceeded")
+                               "minute.", got.wait_s, "rate_limit_exceeded",
+                               ratelimit_headers("requests", int(c.requests_per_minute or 0), got.wait_s, 0))
             self.limited.labels(key.name, "tokens_per_minute").inc()
             raise too_many(f"Key '{key.name}' is over its limit of {c.tokens_per_minute} tokens per minute "
-                           f"(this request may use up to {tokens}).", got.wait_s, "rate_limit_exceeded")
+                           f"(this request may use up to {tokens}).", got.wait_s, "rate_limit_exceeded",
+                           ratelimit_headers("tokens", int(c.tokens_per_minute or 0), got.wait_s))
         if hold is not None:
             left_usd = hold.budget - got.state.spent - got.state.held
             if got.over_budget:

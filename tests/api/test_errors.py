@@ -28,8 +28,8 @@ async def test_malformed_json_is_400(fakes: dict[str, Upstream]) -> None:
     async with gateway_in_process(fake_config(fakes)) as gw:
         r = await gw.http.post("/v1/chat/completions", content=b'{"model": "auto", "messages": [',
                                headers={"content-type": "application/json"})
-        empty = await gw.http.post("/v1/chat/completions", content=b"")
-        array = await gw.http.post("/v1/completions", content=b"[1, 2]")
+        empty = await gw.http.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
+        array = await gw.http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert_openai_error(r.json())
     assert r.headers["x-turnout-request-id"]
@@ -51,7 +51,7 @@ async def test_malformed_json_is_400(fakes: dict[str, Upstream]) -> None:
         ({"model": "auto", "messages": MSG, "temperature": 9}, "temperature"),
         ({"model": 5, "messages": MSG}, "model"),
         ({"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
-         "messages[0].content"),
+         "messages[0].content[0]"),
         ({"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
          "messages[0].content"),
         ({"model": "auto", "messages": MSG, "temperature": "0.5"}, "temperature"),
@@ -222,7 +222,8 @@ async def test_nesting_too_deep_to_forward_is_400(fakes: dict[str, Upstream]) ->
     deep = "[" * 300 + "]" * 300
     body = '{"model": "auto", "messages": [{"role": "user", "content": "x"}], "x": ' + deep + "}"
     async with gateway_in_process(fake_config(fakes)) as gw:
-        r = await gw.http.post("/v1/chat/completions", content=body.encode())
+        r = await gw.http.post("/v1/chat/completions", content=body.encode(),
+                               headers={"content-type": "application/json"})
         small = gw.app.state.gateway.live.registry.workers["small"]
         # No place at the worker is held for a body that was never sent (a leak would wedge it in time).
         assert (small.in_flight, small.gate.active) == (0, 0)

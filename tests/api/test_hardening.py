@@ -63,7 +63,7 @@ async def test_invalid_utf8_and_odd_bodies(fakes: dict[str, Upstream]) -> None:
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
         assert_openai_error(r.json())
         for raw in (b"null", b"7", b'"text"', b"{}" * 3, b"\x00"):
-            r = await gw.http.post("/v1/chat/completions", content=raw)
+            r = await gw.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400, raw
             assert_openai_error(r.json())
 

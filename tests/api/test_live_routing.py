@@ -139,7 +139,7 @@ async def test_feedback_teaches_the_bandit(fakes: dict[str, Upstream], artifacts
                             ({"score": 0.5}, "request_id"), ({"request_id": rid, "score": "high"}, "score")):
             bad = await gw.http.post("/v1/feedback", json=body)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, body
-        not_json = await gw.http.post("/v1/feedback", content=b"{nope")
+        not_json = await gw.http.post("/v1/feedback", content=b"{nope", headers={"content-type": "application/json"})
         assert not_json.status_code == 400
 
 

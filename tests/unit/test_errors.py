@@ -9,12 +9,18 @@ import pytest
 from server.errors import from_httpx, from_upstream_status
 
 
-def test_worker_4xx_keeps_status_and_message() -> None:
+def test_worker_4xx_keeps_status_and_message_in_openais_schema() -> None:
+    """vLLM's exception name and integer code become OpenAI's type and a string code; the message stays."""
     body = orjson.dumps({"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
                                    "param": "model", "code": 404}})
     err = from_upstream_status("w", 404, body)
-    assert (err.status, err.message, err.param, err.type) == (404, "The model `x` does not exist.", "model",
-                                                              "NotFoundError")
+    assert (err.status, err.message, err.param, err.type, err.code) == (
+        404, "The model `x` does not exist.", "model", "invalid_request_error", "not_found")
+    bad = from_upstream_status("w", 400, orjson.dumps({"error": {"message": "m", "type": "BadRequestError",
+                                                                 "code": 400}}))
+    assert (bad.type, bad.code) == ("invalid_request_error", "invalid_request")
+    named = from_upstream_status("w", 400, orjson.dumps({"error": {"message": "m", "code": "context_too_long"}}))
+    assert named.code == "context_too_long", "a string code is the worker's own word: kept"
 
 
 def test_worker_4xx_with_flat_or_text_body() -> None:
