@@ -127,7 +127,7 @@ async def handle_completion(endpoint: Endpoint, request: Request, gw: GatewaySta
     except GatewayError as err:
         ex.status, ex.http_status, ex.error = err.outcome, err.status, err.log_message()
         err.dialect = endpoint.dialect
-        return life.respond_error(error_response(err, ex.headers()))
+        return life.respond_error(error_response(err, {**ex.headers(), **retry_advice(err)}))
     except Exception:
         log.exception("request %s failed in the gateway", ex.request_id)
         ex.status, ex.http_status, ex.error = Outcome.INTERNAL_ERROR, 500, "internal error (see the gateway's log)"
@@ -200,6 +200,17 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     if remembers and ex.response_id is not None and call.on_response_id is not None and not ex.stream:
         await call.on_response_id(ex.response_id)
     return life.respond(result)
+
+
+def retry_advice(err: GatewayError) -> dict[str, str]:
+    """`x-should-retry`, which the openai and anthropic SDKs obey over their own rules (they retry 409, 429 and
+    5xx twice by default). A failure the gateway already retried and fell back on (a worker unreachable, timed
+    out, answering 5xx) gains nothing from the SDK sending it again at once: `false`, so one call is not three
+    times the gateway's tries at the workers. A 503 with `Retry-After` (overloaded, no healthy worker yet) and a
+    429 may pass if waited for: the SDK's own rules apply. A 409 for a stored response's worker: `false`."""
+    if err.status == 409 or (err.status >= 500 and "retry-after" not in err.headers):
+        return {"x-should-retry": "false"}
+    return {}
 
 
 def check_worker_kind(live: Live, model: str, endpoint: Endpoint) -> None:

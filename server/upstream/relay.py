@@ -61,6 +61,7 @@ class StreamRelay:
         self._last_data = b""
         self._closed = False
         self._completed = False
+        self._request_too_long = False  # it ran past the total timeout: the request's length, not the worker
         self.verdict: Verdict = "neutral"
 
     async def _next(self) -> bytes:
@@ -75,9 +76,14 @@ class StreamRelay:
             async with asyncio.timeout(max(0.0, wait)):
                 return await anext(self._up.chunks, b"")
         except TimeoutError:
-            what = (f"no event for {to.idle_s:g} s (idle timeout)" if to.idle_s <= total_left
-                    else f"the stream ran past {to.total_s:g} s (total timeout)")
-            raise upstream_stream_error(self._worker.name, what) from None
+            if to.idle_s <= total_left:
+                raise upstream_stream_error(self._worker.name, f"no event for {to.idle_s:g} s (idle timeout)") \
+                    from None
+            # A long answer, not a failing worker: the worker's breaker must not hear of it (a few long streams
+            # would otherwise cut the worker off for every tenant).
+            self._request_too_long = True
+            raise upstream_stream_error(self._worker.name, f"the stream ran past {to.total_s:g} s (total "
+                                                           "timeout)") from None
 
     def _relay(self, chunk: bytes, splitter: EventSplitter) -> tuple[bytes, bool, str | None]:
         """The events of `chunk` to send on, whether the stream's final event was among them, and a Responses
@@ -147,7 +153,7 @@ class StreamRelay:
             err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
                 self._worker.name, type(exc).__name__)
             ex.status, ex.error = Outcome.STREAM_ERROR, err.log_message()
-            self.verdict = "failed"
+            self.verdict = "neutral" if self._request_too_long else "failed"
             yield self._shape.failure(err, self._last_data)
         self._completed = True
 
