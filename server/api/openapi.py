@@ -15,29 +15,31 @@ from typing import Any
 from pydantic import BaseModel
 
 from server.api.feedback import FeedbackBody
-from server.api.openapi_models import (
+from server.api.openapi_answers import (
     SSE_EVENT,
     SSE_NAMED_EVENT,
+    ChatCompletion,
+    EmbeddingList,
+    MessageObject,
+    RerankList,
+    ResponseObject,
+    ScoreList,
+    TextCompletion,
+    TokenCount,
+)
+from server.api.openapi_models import (
     Alive,
     AnthropicErrorResponse,
-    ChatCompletion,
     ConfigErrorResponse,
-    EmbeddingList,
     ErrorResponse,
     FeedbackResult,
     KeyCreated,
     KeyRevoked,
-    MessageObject,
     ModelList,
     Readiness,
     Reloaded,
-    RerankList,
-    ResponseObject,
     RouteExplanation,
-    ScoreList,
     StatusSnapshot,
-    TextCompletion,
-    TokenCount,
 )
 from server.api.protocol import (
     ChatCompletionRequest,

@@ -108,15 +108,22 @@ def _read_chat(data: bytes, want_text: bool) -> Seen:
     return Seen(texts=texts) if texts else _NOTHING
 
 
-_RESPONSES_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+#: The named events each API's reader looks into, and the one that only carries answer text.
+_RESPONSES_EVENTS = (b'"response.created"', b'"error"', b'"response.completed"', b'"response.incomplete"',
+                     b'"response.failed"')
+_MESSAGES_EVENTS = (b'"message_stop"', b'"message_delta"', b'"message_start"', b'"error"')
+
+
+def _event(data: bytes, markers: tuple[bytes, ...], text_marker: bytes, want_text: bool) -> dict[str, Any] | None:
+    """The event's JSON when its bytes name one of `markers` (or the text event, when text is wanted); None for
+    the rest, which are relayed without being parsed."""
+    if not (any(m in data for m in markers) or (want_text and text_marker in data)):
+        return None
+    return _loads(data)
 
 
 def _read_responses(data: bytes, want_text: bool) -> Seen:
-    interesting = (b'"response.created"' in data or b'"error"' in data or any(e in data for e in _RESPONSES_ENDS)
-                   or (want_text and b'"response.output_text.delta"' in data))
-    if not interesting:
-        return _NOTHING
-    obj = _loads(data)
+    obj = _event(data, _RESPONSES_EVENTS, b'"response.output_text.delta"', want_text)
     if obj is None:
         return _NOTHING
     kind = obj.get("type")
@@ -137,11 +144,7 @@ def _read_responses(data: bytes, want_text: bool) -> Seen:
 
 
 def _read_messages(data: bytes, want_text: bool) -> Seen:
-    interesting = (b'"message_stop"' in data or b'"message_delta"' in data or b'"message_start"' in data
-                   or b'"error"' in data or (want_text and b'"content_block_delta"' in data))
-    if not interesting:
-        return _NOTHING
-    obj = _loads(data)
+    obj = _event(data, _MESSAGES_EVENTS, b'"content_block_delta"', want_text)
     if obj is None:
         return _NOTHING
     kind = obj.get("type")
