@@ -23,7 +23,7 @@ from server.policy.affinity import AffinityStore
 from server.policy.bandit_sync import BanditSync
 from server.policy.embedding import EmbeddingService, build_embedder
 from server.policy.feedback import FeedbackBook
-from server.quota.keys import KeyBook
+from server.quota.keys import GuessGuard, KeyBook
 from server.quota.keystore import StoredKeys
 from server.quota.limits import Limits
 from server.snapshot import Live, build_table, needs_embedder
@@ -66,6 +66,7 @@ class GatewayState:
         self.guard = StoreGuard(self.store, config.state.on_failure, self.metrics, max_entries=bound)
         self.limits = Limits(self.guard, self.metrics.limited, self.metrics.hold_overruns)
         self.stored_keys = StoredKeys()
+        self.admin_guesses = GuessGuard()  # failed admin-key attempts, limited
         self.live = Live(config, table, registry, generation=1, loaded_at=time.time(), keys=KeyBook(config.auth))
         self.metrics.watch(lambda: self.live.reading())
         self.metrics.prime(config)

@@ -109,7 +109,8 @@ _ERRORS: dict[int | str, str] = {
     409: "A key with this name exists (admin); or the one worker holding a stored response cannot be reached "
          "(Responses API).",
     413: "The body is larger than the limit.",
-    429: "The key is over its requests or tokens per minute, or its budget (`Retry-After`).",
+    429: "The key is over its requests or tokens per minute, or its budget; on `/admin`, too many failed admin "
+         "key attempts (`Retry-After`).",
     500: "A bug in the gateway (never expected); no details.",
     502: "The worker is unreachable, refused the gateway's credentials, or answered 5xx.",
     503: "No healthy worker for the model, no free upstream connection, or shared state unavailable "
@@ -237,7 +238,7 @@ def _key_schemas() -> tuple[JSON, JSON]:
 
 
 _KEY_BODY, _LISTED_KEY = _key_schemas()
-_ADMIN = (401, 403)
+_ADMIN = (401, 403, 429)
 
 RELOAD_RESPONSES: Responses = {
     **ok(Reloaded, "The config file was valid and is in force."),

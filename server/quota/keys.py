@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from server.config import AuthConfig, ConfigError, KeyConfig
@@ -93,3 +95,26 @@ class KeyBook:
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
         return hash_key(token.strip())
+
+
+class GuessGuard:
+    """Failed admin-key attempts in a sliding window: past `limit` failures in `window_s`, every attempt is refused
+    until the window has room again, whatever key it carries, so the key cannot be guessed at speed (a key that
+    went out in a log or a shell history is the other risk; see docs/operations.md)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._failures: deque[float] = deque()
+
+    def wait_s(self) -> float:
+        """Seconds until an attempt may be checked again (0: now)."""
+        now = self.clock()
+        while self._failures and now - self._failures[0] >= self.window_s:
+            self._failures.popleft()
+        if len(self._failures) < self.limit:
+            return 0.0
+        return self.window_s - (now - self._failures[0])
+
+    def failed(self) -> None:
+        """Note a failed attempt."""
+        self._failures.append(self.clock())

@@ -195,8 +195,9 @@ async def test_queue_penalty_moves_traffic_off_a_long_queue(fakes: dict[str, Ups
 
 @pytest.fixture
 def admin_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("TURNOUT_ADMIN_KEY", "s3cret")
-    yield "s3cret"
+    key = "s3cret-admin-key-of-at-least-32-characters"
+    monkeypatch.setenv("TURNOUT_ADMIN_KEY", key)
+    yield key
 
 
 async def test_reload_swaps_policies_and_refuses_bad_configs(

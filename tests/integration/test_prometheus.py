@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "turnout-rules.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "turnout.json"
 PRICES = {"small": (0.1, 0.2), "big": (1.0, 3.0)}  # worker -> USD per 1M input, output tokens
-ADMIN_KEY = "prometheus-test-key"
+ADMIN_KEY = "prometheus-test-admin-key-of-32-characters"
 pytestmark = pytest.mark.timeout(600)
 
 

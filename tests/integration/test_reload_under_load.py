@@ -21,7 +21,7 @@ from testkit.promtext import sample_sum
 from tests.conftest import Upstream, fake_config, serve_gateway
 
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count slowly"}]
-KEY = "reload-test-key"
+KEY = "reload-test-admin-key-of-32-characters"
 LONG_TOKENS = 40
 
 

@@ -27,6 +27,7 @@ REPLICAS = 3
 PRICE = {"input_per_1m": 100.0, "output_per_1m": 200.0}  # dear, so a few requests make a visible spend
 BODY = {"model": "small", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 4}
 RPM = 40
+ADMIN_SECRET = "admin-secret-of-at-least-thirty-two-chars"
 
 
 def config(fakes: dict[str, Upstream], budget_usd: float, on_failure: str = "fail_open") -> dict[str, Any]:
@@ -288,7 +289,7 @@ def test_keys_added_and_revoked_at_run_time_reach_every_replica(fakes: dict[str,
     }
     with ExitStack() as stack:
         server = stack.enter_context(RedisServer(tmp_path / "redis.log"))
-        env = {**PY_ENV, "TURNOUT_REDIS_URL": server.url, "TURNOUT_ADMIN_KEY": "admin-secret"}
+        env = {**PY_ENV, "TURNOUT_REDIS_URL": server.url, "TURNOUT_ADMIN_KEY": ADMIN_SECRET}
         urls = []
         for _ in range(2):
             proc, url = serve_gateway(cfg, tmp_path)
@@ -317,15 +318,15 @@ def test_keys_added_and_revoked_at_run_time_reach_every_replica(fakes: dict[str,
         assert status(urls[0], "tk-nope") == 401
         # The admin endpoint does the same through one replica; the key works on the other.
         made = httpx.post(f"{urls[0]}/admin/keys", json={"name": "team-b", "budget_usd": 5},
-                          headers={"authorization": "Bearer admin-secret"}, timeout=10)
+                          headers={"authorization": f"Bearer {ADMIN_SECRET}"}, timeout=10)
         assert made.status_code == 201, made.text
         assert status(urls[1], made.json()["key"]) == 200
-        listing = httpx.get(f"{urls[1]}/admin/keys", headers={"authorization": "Bearer admin-secret"}).json()
+        listing = httpx.get(f"{urls[1]}/admin/keys", headers={"authorization": f"Bearer {ADMIN_SECRET}"}).json()
         assert sorted(k["name"] for k in listing["keys"]) == ["team-a", "team-b"]
         assert "tk-" not in str(listing) and "sha256" not in str(listing), "never a key or its hash"
         # Revoked: refused everywhere once the replicas' few-second cache of the key has lapsed.
         assert cli("revoke", "team-a").returncode == 0
-        gone = httpx.delete(f"{urls[1]}/admin/keys/team-b", headers={"authorization": "Bearer admin-secret"})
+        gone = httpx.delete(f"{urls[1]}/admin/keys/team-b", headers={"authorization": f"Bearer {ADMIN_SECRET}"})
         assert gone.status_code == 200
         deadline = time.monotonic() + 15
         while {status(u, key) for u in urls} | {status(u, made.json()["key"]) for u in urls} != {401}:
