@@ -22,7 +22,7 @@ from server.errors import GatewayError, upstream_stream_error
 from server.outcome import Outcome
 from server.telemetry.record import Exchange
 from server.telemetry.tracing import end_upstream
-from server.upstream.shapes import CHAT, Seen, StreamShape
+from server.upstream.shapes import CHAT, Seen, StreamShape, with_fingerprint
 from server.upstream.sse import EventSplitter, event_data
 from server.upstream.workers import Verdict, Worker
 
@@ -58,6 +58,7 @@ class StreamRelay:
         self._shape = shape
         self._on_response_id = on_response_id
         self._partial_usage: dict[str, Any] = {}
+        self._held: bytes | None = None  # a choice's final chunk, held for the fingerprint (see `_relay`)
         self._last_data = b""
         self._closed = False
         self._completed = False
@@ -100,12 +101,25 @@ class StreamRelay:
             ended = ended or seen.end
             response_id = response_id or seen.response_id
             if not self._take(seen):
+                if seen.fingerprint is not None and self._held is not None:  # the dropped usage chunk's
+                    self._held = with_fingerprint(self._held, seen.fingerprint)
                 continue
             if seen.texts and self._ex.completion_parts is not None:
                 self._ex.completion_parts.extend(seen.texts)
             self._last_data = data
+            out += self._release()
+            if seen.finish and not self._wants_usage:
+                # Held until the next event: the usage chunk that follows it (asked for by the gateway, not the
+                # client, so dropped) carries the fingerprint the client would have had on this one.
+                self._held = event
+                continue
             out += event + b"\n\n"
         return bytes(out), ended, response_id
+
+    def _release(self) -> bytes:
+        """The held final chunk, if any, to go out now."""
+        held, self._held = self._held, None
+        return held + b"\n\n" if held is not None else b""
 
     def _take(self, seen: Seen) -> bool:
         """Note what an event told (usage, the worker's own failure); whether to send it on (OpenAI's usage-only
@@ -154,7 +168,7 @@ class StreamRelay:
                 self._worker.name, type(exc).__name__)
             ex.status, ex.error = Outcome.STREAM_ERROR, err.log_message()
             self.verdict = "neutral" if self._request_too_long else "failed"
-            yield self._shape.failure(err, self._last_data)
+            yield self._release() + self._shape.failure(err, self._last_data)
         self._completed = True
 
     async def aclose(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import orjson
 
 from server.errors import GatewayError, anthropic_type
+from server.upstream.sse import event_data
 
 DONE = b"[DONE]"
 ShapeName = Literal["chat", "responses", "messages"]
@@ -41,6 +42,8 @@ class Seen:
     response_id: str | None = None
     usage_only: bool = False
     texts: tuple[str, ...] = ()
+    finish: bool = False  # an OpenAI chunk ending a choice (its finish_reason set)
+    fingerprint: str | None = None  # the `system_fingerprint` a usage-only chunk carries
 
 
 _NOTHING = Seen()
@@ -88,10 +91,14 @@ RESPONSES = StreamShape("responses", "response.completed")
 MESSAGES = StreamShape("messages", "message_stop")
 
 
+_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')  # a finish_reason that is not null
+
+
 def _read_chat(data: bytes, want_text: bool) -> Seen:
     if data == DONE:
         return Seen(end=True)
-    if not want_text and b'"usage"' not in data and b'"error"' not in data:
+    finish = any(f in data for f in _FINISHED)
+    if not want_text and not finish and b'"usage"' not in data and b'"error"' not in data:
         return _NOTHING
     obj = _loads(data)
     if obj is None:
@@ -104,8 +111,21 @@ def _read_chat(data: bytes, want_text: bool) -> Seen:
         # Only the usage-only chunk at the end is the whole answer's: with `continuous_usage_stats` every chunk
         # carries the usage so far, which a stream cut short must not be charged as (it may have generated more).
         last = not obj.get("choices")
-        return Seen(usage=usage, usage_only=last, usage_final=last, texts=texts)
-    return Seen(texts=texts) if texts else _NOTHING
+        fingerprint = obj.get("system_fingerprint")
+        return Seen(usage=usage, usage_only=last, usage_final=last, texts=texts, finish=finish and not last,
+                    fingerprint=fingerprint if isinstance(fingerprint, str) else None)
+    return Seen(texts=texts, finish=finish) if texts or finish else _NOTHING
+
+
+def with_fingerprint(event: bytes, fingerprint: str) -> bytes:
+    """A chunk's event with `system_fingerprint` set (vLLM puts it on the usage chunk when usage is asked for,
+    and on the final chunk otherwise: a client that did not ask for usage gets it where it would have)."""
+    data = event_data(event)
+    obj = _loads(data) if data is not None else None
+    if obj is None:
+        return event
+    return b"data: " + orjson.dumps({**obj, "system_fingerprint": fingerprint})
+
 
 
 #: The named events each API's reader looks into, and the one that only carries answer text.

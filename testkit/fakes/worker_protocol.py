@@ -19,6 +19,7 @@ from testkit.fakes.worker_apis import message_object, messages_frames, response_
 Kind = Literal["chat", "completion", "responses", "messages"]
 
 DEFAULT_COMPLETION_TOKENS = 16
+SYSTEM_FINGERPRINT = "fp_fake"
 TOKEN_TEXT = "tok "
 
 # Fault keys accepted in the per-request ``"fake"`` body field and in ``POST /fake/mode``.
@@ -386,6 +387,7 @@ def full_response(job: CompletionJob) -> bytes:
         "created": int(time.time()),
         "model": job.model,
         "choices": [choice],
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if not job.faults.no_usage:
         payload["usage"] = _usage(job)
@@ -434,23 +436,24 @@ def stream_frames(job: CompletionJob) -> StreamFrames:
         "model": job.model,
     }
 
-    def chunk(choice_fields: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, **choice_fields, "logprobs": None, "finish_reason": finish}
-        if finish is not None:
-            choice["stop_reason"] = None
-        return sse({**common, "choices": [choice]})
+    def chunk(choice_fields: dict[str, Any]) -> bytes:
+        return sse({**common, "choices": [{"index": 0, **choice_fields, "logprobs": None, "finish_reason": None}]})
 
     reply = job.faults.reply
     if job.kind == "chat":
         head = chunk({"delta": {"role": "assistant", "content": reply or ""}})
         token = chunk({"delta": {"content": piece}})
-        tail = chunk({"delta": {}}, "length")
     else:
         head = b"" if reply is None else chunk({"text": reply})
         token = chunk({"text": piece})
-        tail = chunk({"text": ""}, "length")
-    if job.include_usage and not job.faults.no_usage:
-        tail += sse({**common, "choices": [], "usage": _usage(job)})
+    # As vLLM does: the fingerprint goes on the final chunk, which is the usage chunk when usage was asked for.
+    usage_last = job.include_usage and not job.faults.no_usage
+    ending: dict[str, Any] = {"delta": {}} if job.kind == "chat" else {"text": ""}
+    final = {**common, "choices": [{"index": 0, **ending, "logprobs": None, "finish_reason": "length",
+                                    "stop_reason": None}]}
+    tail = sse(final if usage_last else {**final, "system_fingerprint": SYSTEM_FINGERPRINT})
+    if usage_last:
+        tail += sse({**common, "choices": [], "usage": _usage(job), "system_fingerprint": SYSTEM_FINGERPRINT})
     if job.continuous_usage and not job.faults.no_usage:  # each token's chunk says the usage so far
         field = {"delta": {"content": piece}} if job.kind == "chat" else {"text": piece}
         tokens = [sse({**common, "choices": [{"index": 0, **field, "logprobs": None, "finish_reason": None}],

@@ -70,3 +70,22 @@ async def test_a_bad_content_part_is_named_for_what_is_wrong_with_it(fakes: dict
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "messages[0].content[0]"
     assert "needs a string 'text'" in error["message"] and "valid string" not in error["message"]
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_a_stream_keeps_its_fingerprint_whether_or_not_usage_was_asked(fakes: dict[str, Upstream],
+                                                                             usage: bool) -> None:
+    """vLLM puts `system_fingerprint` on the usage chunk when usage is asked for, else on the final chunk. The
+    gateway always asks for usage: a client that did not still gets the fingerprint on its final chunk."""
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        stream = await gw.client.chat.completions.create(
+            model="small", messages=HI, max_tokens=3, stream=True,
+            stream_options={"include_usage": True} if usage else openai.omit)
+        chunks = [c async for c in stream]
+    with_fp = [c for c in chunks if c.system_fingerprint == "fp_fake"]
+    assert len(with_fp) == 1, [c.model_dump() for c in chunks]
+    if usage:
+        assert with_fp[0] is chunks[-1] and with_fp[0].usage is not None and with_fp[0].choices == []
+    else:
+        assert all(c.usage is None and c.choices for c in chunks)
+        assert with_fp[0] is chunks[-1] and with_fp[0].choices[0].finish_reason == "length"
