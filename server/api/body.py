@@ -45,6 +45,11 @@ def decode_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:  # orjson says "surrogates not allowed" at character 0 for any invalid UTF-8: say where it is
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise bad_request(f"Request body is not valid JSON: it is not valid UTF-8 (byte "
+                              f"0x{raw[bad.start]:02x} at offset {bad.start}).") from None
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
 
 

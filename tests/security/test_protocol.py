@@ -89,3 +89,13 @@ async def test_a_stream_keeps_its_fingerprint_whether_or_not_usage_was_asked(fak
     else:
         assert all(c.usage is None and c.choices for c in chunks)
         assert with_fp[0] is chunks[-1] and with_fp[0].choices[0].finish_reason == "length"
+
+
+async def test_invalid_utf8_is_named_where_it_is(fakes: dict[str, Upstream]) -> None:
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "caf\xe9"}]}'
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        r = await gw.http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid UTF-8" in message
+    offset = body.index(b"\xe9")
+    assert f"0xe9 at offset {offset}" in message and "surrogates" not in message
