@@ -172,7 +172,7 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
         raise bad_request(f"/v1{endpoint.path} is not routed by a policy: name an embedding or scoring model (a "
                           f"worker of kind 'pooling'), not '{inp.model}'.", "model")
     if key is not None:
-        inp = await _admit(gw, live, key, inp, body, life, bounds)
+        inp = await _admit(gw, live, key, inp, body, life, bounds, follow_up is not None)
     selection = await select(live.table, live.registry, gw.embedding, gw.affinity, inp, ex.request_id)
     life.routed(selection)
     call = Call(fallback_targets(selection, live.registry, srv.max_fallbacks), endpoint.path, body,
@@ -226,12 +226,14 @@ def check_worker_kind(live: Live, model: str, endpoint: Endpoint) -> None:
 
 
 async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, body: dict[str, Any],
-                 life: RequestLife, bounds: Bounds) -> RouteInput:
+                 life: RequestLife, bounds: Bounds, follow_up: bool = False) -> RouteInput:
     """A keyed request's admission: what it may use (403), its limits and budget hold (429); routing then keeps
     within what the hold covers. `bounds`: how the request's worst case is read (the answer gets a length bound
-    when the key needs one)."""
+    when the key needs one). A Responses follow-up (`follow_up`) continues a conversation this key was allowed to
+    start (its owner was checked), on the one worker holding it: no other access check applies."""
     policy = live.table.policy_for(inp.model, explicit_policy(inp))
-    check_access(key, policy, *target_names(live, inp.model))
+    if not follow_up:
+        check_access(key, policy, *target_names(live, inp.model))
     if policy is not None:
         inp = allowed_candidates(key, inp, candidate_targets(live.table, live.registry, inp),
                                  lambda t: target_names(live, t))

@@ -77,6 +77,14 @@ async def test_restrictions_compose(fakes: dict[str, Upstream], fake_reset: None
     through any policy, whatever candidates it asks for."""
     async with gateway_in_process(tenants_config(fakes, artifacts), embedder=TopicEmbedder()) as gw:
         assert (await chat(gw, "policies-only", CHAT, "turnout/cheap")).status_code == 200
+        # A conversation it was allowed to start goes on, though its follow-up is pinned to a worker.
+        policies_only = {"authorization": f"Bearer {KEYS['policies-only']}"}
+        first = await gw.http.post("/v1/responses", headers=policies_only,
+                                   json={"model": "turnout/cheap", "input": "hi", "max_output_tokens": 2})
+        follow = await gw.http.post("/v1/responses", headers=policies_only, json={
+            "model": "turnout/cheap", "input": "more", "previous_response_id": first.json()["id"],
+            "max_output_tokens": 2})
+        assert follow.status_code == 200, follow.text
         for direct in ("big", "fake-small"):
             denied = await chat(gw, "policies-only", CHAT, direct)
             assert denied.status_code == 403 and denied.json()["error"]["code"] == "permission_denied"
