@@ -25,6 +25,7 @@ from testkit.engines import (
     fake_process,
     gateway_process,
     has_avx2,
+    otlp_receiver_process,
     vllm_process,
     vllm_ready,
 )
@@ -146,6 +147,14 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     proc = vllm_process(port, tmp_path_factory.mktemp("vllm") / "vllm.log", args=ALL_APIS_ARGS, env=ALL_APIS_ENV)
     with proc:
         yield Upstream("gemma3-270m", f"http://127.0.0.1:{port}/v1", proc)
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An OTLP/HTTP trace receiver process for the module (`testkit.otlp_receiver`): its base URL."""
+    port = free_port()
+    with otlp_receiver_process(port, tmp_path_factory.mktemp("otlp") / "receiver.log"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

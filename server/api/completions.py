@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,41 +249,9 @@ async def _admit(gw: GatewayState, live: Live, key: KeyRecord, inp: RouteInput, 
     return within_budget(inp, adm)
 
 
-async def handle_chat(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/chat/completions`."""
-    return await handle_completion(CHAT_EP, request, gw)
-
-
-async def handle_text(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/completions`."""
-    return await handle_completion(COMPLETIONS, request, gw)
-
-
-async def handle_embeddings(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/embeddings`."""
-    return await handle_completion(EMBEDDINGS, request, gw)
-
-
-async def handle_rerank(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/rerank`."""
-    return await handle_completion(RERANK, request, gw)
-
-
-async def handle_score(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/score`."""
-    return await handle_completion(SCORE, request, gw)
-
-
-async def handle_responses(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/responses`."""
-    return await handle_completion(RESPONSES_EP, request, gw)
-
-
-async def handle_messages(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/messages`."""
-    return await handle_completion(MESSAGES_EP, request, gw)
-
-
-async def handle_count_tokens(request: Request, gw: GatewayState) -> Response:
-    """`POST /v1/messages/count_tokens`."""
-    return await handle_completion(COUNT_TOKENS, request, gw)
+def relay_handler(endpoint: Endpoint) -> Callable[[Request, GatewayState], Awaitable[Response]]:
+    """The route handler of an endpoint relayed to workers (`server.app`'s route table names one per path)."""
+    async def handle(request: Request, gw: GatewayState) -> Response:
+        return await handle_completion(endpoint, request, gw)
+    handle.__doc__ = f"`POST /v1{endpoint.path}`."
+    return handle

@@ -15,20 +15,11 @@ import httpx
 import pytest
 
 from server.telemetry import tracing
-from testkit.engines import otlp_receiver_process
-from testkit.procs import free_port
 from tests.api.test_live_routing import MATH, routed_config
 from tests.conftest import Upstream, fake_config, gateway_in_process
 from tests.routing_fixtures import TopicEmbedder, train_artifacts
 
 SERVER, CLIENT = 2, 3  # OTLP's span kinds
-
-
-@pytest.fixture(scope="module")
-def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    with otlp_receiver_process(port, tmp_path_factory.mktemp("otlp") / "receiver.log"):
-        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

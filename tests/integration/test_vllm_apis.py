@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from testkit.engines import ALL_APIS_ARGS, ALL_APIS_ENV, otlp_receiver_process, vllm_process
+from testkit.engines import ALL_APIS_ARGS, ALL_APIS_ENV, vllm_process
 from testkit.procs import free_port
 from testkit.promtext import sample_sum
 from tests.conftest import Upstream, serve_gateway
@@ -38,14 +38,6 @@ WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
 WEATHER_SCHEMA: dict[str, Any] = {
     "type": "object", "properties": {"city": {"type": "string", "enum": CITIES}, "sunny": {"type": "boolean"}},
     "required": ["city", "sunny"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An OTLP/HTTP receiver, which the gateway and the second vLLM server send their traces to."""
-    port = free_port()
-    with otlp_receiver_process(port, tmp_path_factory.mktemp("otlp") / "receiver.log"):
-        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
