@@ -90,7 +90,7 @@ class GatewayState:
     def _make_embedding(config: TurnoutConfig, embedder: Embedder | None) -> EmbeddingService:
         e = config.embedder
         return EmbeddingService(embedder or build_embedder(e), cache_size=e.cache_size,
-                                max_batch=e.max_batch, max_wait_ms=e.wait_ms())
+                                max_batch=e.max_batch, max_wait_ms=e.wait_ms(), max_chars=e.max_chars)
 
     def _on_breaker(self, worker: Worker, old: BreakerState, new: BreakerState) -> None:
         self.metrics.breaker_transitions.labels(worker.name, new.name.lower()).inc()

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from routers.embedding.base import Embedder
 
-__all__ = ["CachedEmbedder", "cache_dir", "cache_root", "corpus_key", "embed_corpus", "model_cache_dir"]
+__all__ = ["CachedEmbedder", "cache_dir", "cache_root", "corpus_key", "embed_corpus", "model_cache_dir", "text_key"]
 
 
 def cache_root() -> Path:
@@ -36,9 +36,14 @@ def model_cache_dir() -> Path:
     return cache_root() / "models"
 
 
+def text_key(text: str) -> bytes:
+    """A 16-byte digest of a text: the in-memory cache's key. The cache costs the same per entry however long
+    the prompts are (a text as its own key kept every cached prompt whole: megabytes per entry)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
 
 class CachedEmbedder:
-    """An LRU cache of vectors keyed by the exact text, in front of another embedder.
+    """An LRU cache of vectors keyed by a digest of the exact text (`text_key`), in front of another embedder.
 
     `embed()` looks every text up, embeds only the misses (each distinct text once, in one call to the inner
     embedder) and returns rows in the caller's order. There is no await between lookup and insert, so sharing
@@ -54,7 +59,7 @@ class CachedEmbedder:
         self.dim: int = inner.dim
         self.hits = 0
         self.misses = 0
-        self._rows: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._rows: OrderedDict[bytes, npt.NDArray[np.float32]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many texts are cached."""
@@ -62,7 +67,7 @@ class CachedEmbedder:
 
     def __contains__(self, text: object) -> bool:
         """Whether `text` is cached (does not count as a use)."""
-        return text in self._rows
+        return isinstance(text, str) and text_key(text) in self._rows
 
     def clear(self) -> None:
         """Forget every cached vector (the counters are kept)."""
@@ -70,45 +75,47 @@ class CachedEmbedder:
 
     def get(self, text: str) -> npt.NDArray[np.float32] | None:
         """The cached vector of `text` (marked most recently used), or None; counted as a hit or a miss."""
-        row = self._rows.get(text)
+        key = text_key(text)
+        row = self._rows.get(key)
         if row is None:
             self.misses += 1
             return None
-        self._rows.move_to_end(text)
+        self._rows.move_to_end(key)
         self.hits += 1
         return row
 
     def put(self, text: str, row: npt.NDArray[np.float32]) -> None:
         """Store a vector computed elsewhere (e.g. by a batch), evicting the least recently used."""
-        self._store(text, row)
+        self._store(text_key(text), row)
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Rows for `texts` in order; only texts not cached are passed to the inner embedder."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        missing: dict[str, list[int]] = {}
+        missing: dict[bytes, tuple[str, list[int]]] = {}
         for i, text in enumerate(texts):
-            row = self._rows.get(text)
+            key = text_key(text)
+            row = self._rows.get(key)
             if row is None:
-                missing.setdefault(text, []).append(i)
+                missing.setdefault(key, (text, []))[1].append(i)
             else:
-                self._rows.move_to_end(text)
+                self._rows.move_to_end(key)
                 out[i] = row
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = self.inner.embed(list(missing))
-            for (text, positions), row in zip(missing.items(), fresh, strict=True):
+            fresh = self.inner.embed([text for text, _ in missing.values()])
+            for (key, (_, positions)), row in zip(missing.items(), fresh, strict=True):
                 out[positions] = row
-                self._store(text, row)
+                self._store(key, row)
         return out
 
-    def _store(self, text: str, row: npt.NDArray[np.float32]) -> None:
+    def _store(self, key: bytes, row: npt.NDArray[np.float32]) -> None:
         """Insert one vector as most recently used and evict the least recently used beyond `maxsize`."""
         if self.maxsize == 0:
             return
         # A copy, so that a cached row does not keep the inner embedder's whole batch array alive.
-        self._rows[text] = row.copy()
-        self._rows.move_to_end(text)
+        self._rows[key] = row.copy()
+        self._rows.move_to_end(key)
         while len(self._rows) > self.maxsize:
             self._rows.popitem(last=False)
 

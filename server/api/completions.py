@@ -39,6 +39,7 @@ from server.errors import Dialect, GatewayError, bad_request, error_response, in
 from server.gateway import GatewayState
 from server.outcome import Outcome
 from server.policy.selection import (
+    POLICY_TEXT_CHARS,
     SESSION_HEADER,
     RouteInput,
     candidate_targets,
@@ -109,7 +110,7 @@ def route_input(request: Request, body: dict[str, Any], req: OpenAIRequest, key:
     session = request.headers.get(SESSION_HEADER) or req.session()
     if session and key is not None:
         session = f"{key.name}\x00{session}"
-    return RouteInput(model=req.model, text=prompt_text(body), options=req.turnout,
+    return RouteInput(model=req.model, text=prompt_text(body)[:POLICY_TEXT_CHARS], options=req.turnout,
                       header_policy=request.headers.get(POLICY_HEADER), session=session or None)
 
 

@@ -33,7 +33,7 @@ def decisionjson_response(d: RoutingDecision) -> dict[str, Any]:
 
 async def handle_route(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/route`: the decision for a chat request, computed exactly as for a real one, without
-    calling a worker or remembering anything for the session."""
+    calling a worker or remembering anything for the session. It counts against the key's requests per minute."""
     live = gw.live
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
@@ -46,6 +46,9 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
         policy = live.table.policy_for(inp.model, explicit_policy(inp))
         if key is not None:  # what the key may reach, as for a real request
             check_access(key, policy, *target_names(live, inp.model))
+            # A decision costs the gateway an embedding: it counts as one of the key's requests (no tokens, no
+            # budget), so explaining cannot bypass the limits that bound routing work.
+            await gw.limits.admit(key, 0, {})
             if policy is not None:
                 inp = allowed_candidates(key, inp, candidate_targets(live.table, live.registry, inp),
                                          lambda t: target_names(live, t))

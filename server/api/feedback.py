@@ -27,7 +27,7 @@ class FeedbackBody(BaseModel):
 
 async def handle_feedback(request: Request, gw: GatewayState) -> Response:
     """`POST /v1/feedback {request_id, score}`: 200 accepted (or ignored as a repeat), 404 for an id not
-    routed here, routed for another key, or too long ago, 400 for a bad body."""
+    routed here, routed for another key, or too long ago, 400 for a bad body, 429 past the key's requests per minute."""
     try:
         key = await authenticate(gw.live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
         raw = await read_json(request, 64 * 1024)
@@ -35,6 +35,8 @@ async def handle_feedback(request: Request, gw: GatewayState) -> Response:
             fb = FeedbackBody.model_validate(raw)
         except ValidationError as exc:
             raise invalid_body(exc) from None
+        if key is not None:  # one of the key's requests per minute (no tokens, no budget), like any other call
+            await gw.limits.admit(key, 0, {})
         result, policy = await gw.feedback.give(fb.request_id, fb.score, dict(gw.live.table.routers),
                                                 key.name if key is not None else None)
     except GatewayError as err:

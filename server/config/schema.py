@@ -190,8 +190,9 @@ class EmbedderConfig(_Model):
     # `retry_after_s` (the policy's fallback answers them meanwhile).
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     retry_after_s: Annotated[float, Field(ge=0, le=600)] = 5.0
-    # Texts are cut to this many characters before they are sent (bounded work per request); a vLLM server also
-    # cuts to this many tokens (its `truncate_prompt_tokens`; unset for servers that do not know the field).
+    # Texts are cut to this many characters before they are embedded, whatever the backend (bounded work per
+    # request; the local models read 256 word pieces, far fewer characters than this); a vLLM server also cuts to
+    # `truncate_prompt_tokens` tokens (unset for servers that do not know the field).
     max_chars: Annotated[int, Field(ge=1)] = 8192
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     cache_size: Annotated[int, Field(ge=0)] = 10_000

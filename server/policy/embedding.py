@@ -1,5 +1,10 @@
 """Prompt embedding inside the gateway: an LRU cache, then micro-batches run off the event loop.
 
+Every text is cut to `max_chars` characters first, so the work per request is bounded whatever a client sends (a
+tokenizer reads the whole text before it truncates to the model's 256 word pieces: a megabyte took seconds). The
+cut is far past what the model reads (256 pieces are a few thousand characters at most in any language), so it
+does not change a vector.
+
 Concurrent requests that miss the cache within `max_wait_ms` of each other are embedded in one model call
 (one call of 8 short prompts costs far less than 8 calls of one). The model runs in one dedicated thread,
 so batches never compete with each other for the two cores, and the event loop keeps serving streams
@@ -51,8 +56,9 @@ class EmbeddingService:
     """`await embed(text)`: cached, or batched with the other requests of the next few milliseconds."""
 
     def __init__(self, embedder: Embedder, *, cache_size: int = 10_000, max_batch: int = 32,
-                 max_wait_ms: float = 2.0) -> None:
+                 max_wait_ms: float = 2.0, max_chars: int = 8192) -> None:
         self.embedder = embedder
+        self.max_chars = max_chars
         self.id, self.dim = embedder.id, embedder.dim
         # The cache is only touched on the event loop thread; the model only in the executor.
         self.cache = CachedEmbedder(embedder, maxsize=cache_size)
@@ -82,8 +88,9 @@ class EmbeddingService:
         close_embedder(self.embedder)
 
     async def embed(self, text: str) -> Embedded:
-        """The L2-normalised vector of `text`."""
+        """The L2-normalised vector of `text` (of its first `max_chars` characters)."""
         t = time.perf_counter()
+        text = text[: self.max_chars]
         row = self.cache.get(text)
         if row is not None:
             return Embedded(row, True, time.perf_counter() - t)

@@ -22,13 +22,17 @@ from server.upstream.workers import WorkerRegistry
 log = logging.getLogger("turnout.routing")
 
 SESSION_HEADER = "x-session-id"
+#: A policy reads at most this many characters of the prompt: its text statistics and the embedder's input are then
+#: bounded work whatever a client sends (a megabyte's statistics alone cost 40 ms of CPU). Prompts of the routing
+#: tables are shorter, so what a policy saw in training it sees live.
+POLICY_TEXT_CHARS = 32_768
 LOG_EVERY_S = 10.0
 _last_logged: dict[str, float] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class RouteInput:
-    """What routing reads from a request."""
+    """What routing reads from a request (`text`: the prompt's first `POLICY_TEXT_CHARS` characters)."""
 
     model: str
     text: str
