@@ -29,13 +29,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body: declared as `application/json` (as vLLM requires: a form or plain text is a 400
-    here too, never guessed at), at most `limit` bytes (413), and valid JSON (400)."""
+async def read_json_bytes(request: Request, limit: int) -> bytes:
+    """The request's body, declared as `application/json` (as vLLM requires: a form or plain text is a 400 here
+    too, never guessed at) and at most `limit` bytes (413); not yet decoded."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         raise bad_request(f"Unsupported media type '{media or 'none'}': send the body as application/json.")
-    return decode_json(await read_body(request, limit))
+    return await read_body(request, limit)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body (see `read_json_bytes`), decoded: valid JSON or a 400. For small bodies; the
+    relayed APIs' bodies go through `server.api.intake`, which decodes large ones off the event loop."""
+    return decode_json(await read_json_bytes(request, limit))
 
 
 def decode_json(raw: bytes) -> Any:

@@ -18,8 +18,8 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from server.api.body import read_json, until_disconnect
-from server.api.input_limits import check_limits
+from server.api.body import read_json_bytes, until_disconnect
+from server.api.intake import take_in_async
 from server.api.lifecycle import LifeParts, RequestLife
 from server.api.prompts import prompt_text
 from server.api.protocol import (
@@ -32,7 +32,6 @@ from server.api.protocol import (
     RerankRequest,
     ResponsesRequest,
     ScoreRequest,
-    validate_body,
 )
 from server.api.stored_responses import follow_up_failure, owner_of, remember_owner
 from server.errors import Dialect, GatewayError, bad_request, error_response, internal_error
@@ -151,10 +150,8 @@ async def _serve(endpoint: Endpoint, request: Request, gw: GatewayState, life: R
     srv = live.config.server
     # Who is asking comes first: a client without a valid key costs the gateway no body read, parse or check.
     key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-    body = await read_json(request, srv.max_body_bytes)
-    req = validate_body(endpoint.schema, body)
+    body, req = await take_in_async(await read_json_bytes(request, srv.max_body_bytes), endpoint.schema, srv)
     ex.requested_model = req.model
-    check_limits(body, srv)
     ex.stream = bool(req.stream)
     ex.reference_price = live.config.reference[1]
     if srv.log_prompts:

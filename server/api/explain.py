@@ -9,10 +9,10 @@ from fastapi import Request
 from starlette.responses import Response
 
 from routers.base import RoutingDecision
-from server.api.body import read_json
+from server.api.body import read_json_bytes
 from server.api.completions import route_input
-from server.api.input_limits import check_limits
-from server.api.protocol import ChatCompletionRequest, validate_body
+from server.api.intake import take_in_async
+from server.api.protocol import ChatCompletionRequest
 from server.api.responses import json_response
 from server.errors import GatewayError, error_response
 from server.gateway import GatewayState
@@ -38,10 +38,10 @@ async def handle_route(request: Request, gw: GatewayState) -> Response:
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
     try:
         key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
-        body = await read_json(request, live.config.server.max_body_bytes)
-        req = validate_body(ChatCompletionRequest, body)
+        srv = live.config.server
+        body, req = await take_in_async(await read_json_bytes(request, srv.max_body_bytes), ChatCompletionRequest,
+                                        srv)
         assert isinstance(req, ChatCompletionRequest)
-        check_limits(body, live.config.server)
         inp = route_input(request, body, req, key)
         policy = live.table.policy_for(inp.model, explicit_policy(inp))
         if key is not None:  # what the key may reach, as for a real request

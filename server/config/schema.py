@@ -160,6 +160,8 @@ class ServerConfig(_Model):
     log_prompts: bool = False
     # Request limits beyond the body size: each is a 400 naming the field when passed.
     max_messages: Annotated[int, Field(ge=1)] = 2048
+    # Content parts in all (of every message's list content and Anthropic's system blocks): each costs validation.
+    max_content_parts: Annotated[int, Field(ge=1)] = 4096
     max_message_chars: Annotated[int, Field(ge=1)] = 1_000_000  # one message's text, all its parts together
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000  # max_tokens and max_completion_tokens
     max_n: Annotated[int, Field(ge=1, le=128)] = 16  # answers per request

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 
 from routers.embedding.cache import CachedEmbedder
+from server.api import intake
 from server.policy.embedding import EmbeddingService
 from server.quota.keys import hash_key
 from tests.api.test_live_routing import MATH, routed_config
-from tests.conftest import Upstream, gateway_in_process
+from tests.conftest import Upstream, fake_config, gateway_in_process
 from tests.routing_fixtures import TopicEmbedder, train_artifacts
 
 KEY = "tk-bounded-work"
@@ -108,3 +110,41 @@ async def test_explain_and_feedback_count_against_the_keys_requests(fakes: dict[
         got = [(await gw.http.post(path, headers=AUTH, json=body)).status_code for _ in range(4)]
     expected = [200, 200, 200, 429] if path == "/v1/route" else [200, 200, 429, 429]
     assert got == expected
+
+
+async def test_parts_are_bounded_before_the_schema_reads_them(fakes: dict[str, Upstream], fake_reset: None) -> None:
+    """140,000 text parts (3.7 MB) are refused for their count, before 140,000 parts are validated; so are more
+    messages than `server.max_messages`, however malformed each is."""
+    many = [{"type": "text", "text": "a"}] * 140_000
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        parts = await gw.http.post("/v1/chat/completions", json={
+            "model": "small", "messages": [{"role": "user", "content": many}], "max_tokens": 2})
+        messages = await gw.http.post("/v1/chat/completions", json={
+            "model": "small", "messages": [{"role": 7}] * 3000, "max_tokens": 2})
+        system = await gw.http.post("/v1/messages", json={
+            "model": "small", "system": many[:5000], "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert parts.status_code == 400 and "140000 content parts" in parts.json()["error"]["message"]
+    assert messages.status_code == 400 and "3000 items" in messages.json()["error"]["message"]
+    assert system.status_code == 400 and "5000 content parts" in system.json()["error"]["message"]
+
+
+async def test_a_large_body_is_taken_in_off_the_event_loop(fakes: dict[str, Upstream], fake_reset: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body past `INLINE_BYTES` is decoded and validated in a worker thread (the loop keeps serving); a small one
+    on the loop, where a thread's hand-off would cost more than the work."""
+    threads: list[str] = []
+    taken = intake.take_in
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return taken(*args)
+
+    monkeypatch.setattr(intake, "take_in", spy)
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        for text in ("short", "x" * (intake.INLINE_BYTES + 1)):
+            r = await gw.http.post("/v1/chat/completions", json={
+                "model": "small", "messages": [{"role": "user", "content": text}], "max_tokens": 2})
+            assert r.status_code in (200, 400), r.text
+    loop_thread = threading.main_thread().name
+    assert threads[0] == loop_thread and threads[1] != loop_thread
