@@ -118,8 +118,8 @@ class Routed:
 class Soak:
     """The processes and the two loops (load and chaos) of one soak run."""
 
-    def __init__(self, tmp: Path, rate: float, seed: int, routed: Routed | None = None) -> None:
-        self.tmp, self.rate, self.routed = tmp, rate, routed
+    def __init__(self, tmp: Path, rate: float, seed: int, routed: Routed | None = None, panic: bool = True) -> None:
+        self.tmp, self.rate, self.routed, self.panic = tmp, rate, routed, panic
         self.rng = random.Random(seed)
         self.ports = {"small-a": free_port(), "small-b": free_port(), "big": free_port()}
         # Routed: each fake worker answers as any model ('*'); the gateway's config says which serves what.
@@ -137,7 +137,7 @@ class Soak:
         return {
             **(self.routed_workers() if self.routed else self.pair_workers()),
             "upstream": {"ttft_timeout_s": 1.0, "idle_timeout_s": 1.0, "total_timeout_s": 2.0},
-            "reliability": {"breaker_failures": 5, "breaker_open_s": 2.0, "queue_timeout_s": 1.0},
+            "reliability": {"breaker_failures": 5, "breaker_open_s": 2.0, "queue_timeout_s": 1.0, "panic": self.panic},
             "server": {"health_interval_s": 1.0, "health_timeout_s": 0.5},
         }
 
@@ -282,9 +282,10 @@ def gateway_counts(metrics_text: str) -> tuple[dict[str, int], float]:
     return dict(by_status), in_flight
 
 
-def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7, routed: Routed | None = None) -> SoakResult:
+def run_soak(requests: int, rate: float, tmp: Path, seed: int = 7, routed: Routed | None = None,
+             panic: bool = True) -> SoakResult:
     """Run one soak (see the module docstring) and return what it saw."""
-    soak = Soak(tmp, rate, seed, routed)
+    soak = Soak(tmp, rate, seed, routed, panic)
     cfg_path = tmp / "gateway.yaml"
     cfg_path.write_text(yaml.safe_dump(soak.config()))
     with contextlib.ExitStack() as stack:
@@ -345,12 +346,15 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=80.0, help="requests per second")
     ap.add_argument("--routed", action="store_true",
                     help="cost_aware routing with the ONNX embedder over the bundled table's models and prompts")
+    ap.add_argument("--panic", action=argparse.BooleanOptionalAction, default=True,
+                    help="the gateway's panic mode (reliability.panic); --no-panic refuses when no worker is available")
     ap.add_argument("--out", type=Path, default=None,
                     help="default loadtest/results/soak, or soak-routed with --routed")
     args = ap.parse_args()
     out = args.out or REPO / "loadtest" / "results" / ("soak-routed" if args.routed else "soak")
     routed = Routed.from_bundled_table(seed=7) if args.routed else None
-    result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")), routed=routed)
+    result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")), routed=routed,
+                      panic=args.panic)
     first, last = result.rss_minutes()
     plot(result, out.with_suffix(".png"))
     if routed:
@@ -365,6 +369,8 @@ def main() -> None:
         named = "a model named directly"
     command = f"python -m loadtest.soak --requests {args.requests} --rate {args.rate:g}"
     command += " --routed" if routed else ""
+    command += "" if args.panic else " --no-panic"
+    refused = result.client.get("no_healthy_worker", 0)
     lines = [
         f"# Soak: {result.requests} requests at {args.rate:g}/s under worker faults"
         + (", routed (cost_aware, ONNX embedder)" if routed else ""),
@@ -378,6 +384,8 @@ def main() -> None:
         "",
         f"- Duration: {result.seconds:.0f} s.",
         f"- Client-side outcomes: {dict(sorted(result.client.items()))}.",
+        f"- Panic mode {'on' if args.panic else 'off'}: `no_healthy_worker` {refused} of {result.requests} requests "
+        f"({refused / result.requests:.1%}).",
         f"- Gateway `turnout_requests_total` by status: {dict(sorted(result.gateway.items()))}.",
         f"- Equal: {result.client == result.gateway}; malformed responses: {len(result.malformed)}; "
         f"in-flight gauge after: {result.in_flight_after:g}.",
@@ -387,7 +395,7 @@ def main() -> None:
         "",
         f"![RSS]({out.with_suffix('.png').name})",
     ]
-    data = {"requests": result.requests, "rate": args.rate, "routed": routed is not None,
+    data = {"requests": result.requests, "rate": args.rate, "routed": routed is not None, "panic": args.panic,
             "seconds": result.seconds, "client": result.client,
             "gateway": result.gateway, "malformed": result.malformed, "rss_mb": result.rss_mb,
             "rss_first_minute_mb": first, "rss_last_minute_mb": last, "faults": result.faults,

@@ -277,6 +277,10 @@ class ReliabilityConfig(_Model):
     # beyond that the request goes to a fallback or gets 503 with Retry-After.
     max_queue: Annotated[int, Field(ge=0)] = 100
     queue_timeout_s: Annotated[float, Field(ge=0)] = 5.0
+    # Panic mode: when every worker of a model is down or its breaker open, send to the one that failed least
+    # recently rather than refuse (as Envoy's panic threshold does): a fleet where each replica failed once in a
+    # while is more often up than "no worker" says. Off: refuse with 503 `no_healthy_worker`.
+    panic: bool = True
 
 
 class StateConfig(_Model):

@@ -77,6 +77,8 @@ def _candidates(router: Router, policy: str, options: RouteOptions | None, regis
                               f"(its candidates: {targets}).", "turnout.candidates")
         targets = [t for t in targets if t in options.candidates]
     available = [t for t in targets if registry.usable(t)]
+    if not available:  # panic mode: the policy chooses among them all, the registry the least recently failed
+        available = [t for t in targets if registry.reachable(t)]
     if not available:
         raise no_worker_available(", ".join(targets))
     return available

@@ -85,6 +85,10 @@ class Metrics:
             "turnout_retry_budget_exhausted", "Retries and fallbacks not made because the retry budget was spent.",
             registry=r,
         )
+        self.panic_sends = Counter(
+            "turnout_panic_sends", "Requests sent to a worker that was down or whose breaker was open, because no "
+            "worker of its model was available (panic mode, `reliability.panic`).", ["worker"], registry=r,
+        )
         self.breaker_transitions = Counter(
             "turnout_breaker_transitions", "Circuit breaker state changes, by worker and new state.",
             ["worker", "state"], registry=r,

@@ -115,6 +115,8 @@ class Forwarder:
                 except GatewayError as err:  # nothing left for this target (its breakers opened meanwhile)
                     tries.last = tries.last or err  # a worker's own failure stays the reason
                     break
+                if not worker.available() and self.metrics.enabled:
+                    self.metrics.panic_sends.labels(worker.name).inc()
                 self._before_resend(registry, tries, attempt, target, ex)
                 delay = rel.retry_backoff_s * 2 ** (attempt - 1) * random.random() if attempt else 0.0
                 try:

@@ -48,6 +48,7 @@ class Worker:
     last_error: str | None = None
     checked_at: float | None = None
     failures: int = 0  # consecutive failed health checks
+    failed_at: float = 0.0  # time.monotonic() of its last failed request or health check (0: never)
     auth_headers: dict[str, str] = field(default_factory=dict)
     # The worker's own queue, from its /metrics (None until read, or when it has none).
     running: float | None = None
@@ -154,6 +155,7 @@ class Lease:
         if verdict == "ok":
             w.breaker.success()
         elif verdict == "failed":
+            w.failed_at = time.monotonic()
             w.breaker.failure()
         else:
             w.breaker.release()
@@ -230,10 +232,10 @@ class WorkerRegistry:
     def pick(self, target: str, avoid: frozenset[str] = frozenset()) -> Worker:
         """The replica for `target`: available (see `Worker.available`), not in `avoid` (replicas that already
         failed this request) unless nothing else is, with room before queueing, then least loaded, random
-        among ties."""
+        among ties. When none is available: panic mode (`panic_pick`)."""
         usable = self.usable(target)
         if not usable:
-            raise no_worker_available(target)
+            return self.panic_pick(target, avoid)
         usable = [w for w in usable if w.name not in avoid] or usable
         usable = [w for w in usable if w.gate.has_room()] or usable
         if len(usable) == 1:
@@ -241,6 +243,19 @@ class WorkerRegistry:
         loads = [w.load() for w in usable]
         least = min(loads)
         return random.choice([w for w, load in zip(usable, loads, strict=True) if load == least])
+
+    def panic_pick(self, target: str, avoid: frozenset[str] = frozenset()) -> Worker:
+        """No worker for `target` is available: with `reliability.panic`, the one that failed least recently
+        among those this request has not yet tried (its breaker open or its health check failing may be stale,
+        and a try costs less than a refusal); `no_healthy_worker` otherwise, or when every one was tried."""
+        left = [w for w in self.resolve(target) if w.name not in avoid] if self.reliability.panic else []
+        if not left:
+            raise no_worker_available(target)
+        return min(left, key=lambda w: w.failed_at)
+
+    def reachable(self, target: str) -> bool:
+        """Whether a request for `target` may be sent: a worker is available, or panic mode would try one."""
+        return bool(self.usable(target)) or (self.reliability.panic and bool(self.resolve(target)))
 
     def any_up(self) -> bool:
         """True when at least one worker passed its last health check."""
@@ -328,3 +343,4 @@ class HealthMonitor(WorkerPoller):
             if worker.health is not Health.DOWN:
                 log.warning("worker %s is down (%s)", worker.name, error)
             worker.health = Health.DOWN
+            worker.failed_at = time.monotonic()

@@ -131,7 +131,13 @@ async def test_health_and_readiness(fakes: dict[str, Upstream]) -> None:
         ready = await gw.http.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["workers"]["gone"]["health"] == "down"
-        # A model whose only worker is down gets 503 at once, in OpenAI's shape.
+        # Panic mode: a model whose only worker is down is tried all the same (its check may be stale).
+        with pytest.raises(openai.InternalServerError) as exc:
+            await gw.client.chat.completions.create(model="m", messages=MSG)
+        assert exc.value.status_code == 502 and "unreachable" in exc.value.message
+    dead["reliability"] = {"panic": False}
+    async with gateway_in_process(dead) as gw:
+        # Without it, 503 at once, in OpenAI's shape.
         with pytest.raises(openai.InternalServerError) as exc:
             await gw.client.chat.completions.create(model="m", messages=MSG)
         assert exc.value.status_code == 503

@@ -49,3 +49,23 @@ async def test_the_sdk_does_not_repeat_what_the_gateway_already_retried(fakes: d
             await sdk.chat.completions.create(model="small", messages=HI, max_tokens=2)
     assert failed.value.response.headers["x-should-retry"] == "false"
     assert (await asyncio.to_thread(fake_stats, fakes, "fake-small"))["requests"] == 2
+
+
+async def test_panic_mode_tries_the_least_recently_failed_worker(fakes: dict[str, Upstream], fake_reset: None) -> None:
+    """The only worker of a model failed and its breaker is open for a minute; it has recovered since. Rather
+    than refuse every request for that minute (`no_healthy_worker`), the gateway tries it (panic mode, counted),
+    and its success closes the breaker."""
+    cfg = fake_config(fakes, reliability={"retries": 0, "breaker_failures": 1, "breaker_open_s": 60},
+                      server={"max_fallbacks": 0})
+    async with gateway_in_process(cfg) as gw:
+        await asyncio.to_thread(httpx.post, f"{fakes['fake-small'].root}/fake/mode", json={"status": 500},
+                                timeout=5)
+        failed = await gw.http.post("/v1/chat/completions", json={"model": "small", "messages": HI, "max_tokens": 2})
+        assert failed.status_code == 502
+        assert (await gw.http.get("/readyz")).json()["workers"]["small"]["breaker"] == "open"
+        await asyncio.to_thread(httpx.post, f"{fakes['fake-small'].root}/fake/mode", json={}, timeout=5)
+        served = await gw.http.post("/v1/chat/completions", json={"model": "small", "messages": HI, "max_tokens": 2})
+        assert served.status_code == 200, served.text
+        assert (await gw.http.get("/readyz")).json()["workers"]["small"]["breaker"] == "closed"
+        metrics = (await gw.http.get("/metrics")).text
+    assert 'turnout_panic_sends_total{worker="small"} 1.0' in metrics

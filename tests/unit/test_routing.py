@@ -118,8 +118,15 @@ async def test_candidates_limit_and_health_filter() -> None:
     reg.workers["b"].health = Health.DOWN  # a down candidate leaves the draw
     assert {(await choose(t, "turnout/split", reg=reg)).target for _ in range(20)} == {"A"}
     reg.workers["a1"].health = reg.workers["a2"].health = Health.DOWN
+    # Panic mode: with no candidate available the policy chooses among them all (the registry then tries the
+    # least recently failed worker); without it, 503.
+    assert {(await choose(t, "turnout/split", reg=reg)).target for _ in range(20)} == {"A", "b"}
+    strict = RoutingTable(config(reliability={"panic": False}))
+    reg = WorkerRegistry(strict.config)
+    for w in reg.workers.values():
+        w.health = Health.DOWN
     with pytest.raises(GatewayError) as exc:
-        await choose(t, "turnout/split", reg=reg)
+        await choose(strict, "turnout/split", reg=reg)
     assert exc.value.status == 503
 
 
@@ -151,9 +158,17 @@ def test_replica_choice_prefers_idle_and_healthy() -> None:
     a2.health = Health.DOWN
     assert reg.pick("A") is a1
     a1.health = Health.DOWN
+    # Panic mode: none available, so the least recently failed one not yet tried by this request.
+    a1.failed_at, a2.failed_at = 20.0, 10.0
+    assert reg.pick("A") is a2 and reg.pick("A", avoid=frozenset({"a2"})) is a1
     with pytest.raises(GatewayError) as exc:
-        reg.pick("A")
+        reg.pick("A", avoid=frozenset({"a1", "a2"}))
     assert exc.value.status == 503
+    strict = WorkerRegistry(config(reliability={"panic": False}))
+    strict.workers["a1"].health = strict.workers["a2"].health = Health.DOWN
+    with pytest.raises(GatewayError) as exc:
+        strict.pick("A")
+    assert exc.value.status == 503 and exc.value.code == "no_healthy_worker"
     assert reg.pick("b").name == "b"
     with a2.track():
         assert a2.in_flight == 1
