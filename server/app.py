@@ -176,7 +176,9 @@ def create_app(
             if traces:
                 stop_tracing()
 
-    app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan)
+    # /openapi.json is served (the API's shapes, no data); FastAPI's /docs and /redoc are not: they load their
+    # scripts from a CDN into a page on the gateway's origin.
+    app = FastAPI(title="Turnout", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     for r in ROUTES:

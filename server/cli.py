@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from server.app import CONFIG_ENV, create_app
 from server.config import ConfigError, KeyConfig, load_config
+from server.connections import guarded_protocol, raise_open_file_limit
 from server.quota.keystore import add_key, list_keys, revoke_key
 from server.snapshot import check_config_file
 from server.store.base import StoreUnavailable
@@ -88,9 +89,12 @@ def serve(
     app_ = create_app(cfg, config_path=path, handle_sighup=True)
     # SIGTERM: uvicorn stops accepting connections, lets requests and streams in flight finish for up to
     # the drain timeout, then closes them (the config at start decides it; a reload cannot change it).
+    # Slow and huge clients are limited by the protocol class (`server.connections`); the gateway serves no
+    # WebSockets, so none are accepted.
+    protocol = guarded_protocol(cfg.server, raise_open_file_limit())
     uvicorn.run(app_, host=host, port=port, log_level=log_level.value, access_log=access_log,
                 timeout_graceful_shutdown=math.ceil(cfg.server.drain_timeout_s),
-                timeout_keep_alive=cfg.server.keep_alive_s)
+                timeout_keep_alive=cfg.server.keep_alive_s, http=protocol, ws="none")
 
 
 def _need_training_stack() -> None:

@@ -16,6 +16,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
@@ -272,6 +273,11 @@ def install_handlers(app: FastAPI) -> None:
             headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"allow": allowed_methods(request)}
         return error_response(err, headers)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client left (or its body stopped arriving: `server.connections` ended it) before its request was
+        # read: nobody reads this answer, and it is no bug.
+        return Response(status_code=499, headers=request_id(request))
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # A bug: log the traceback for the operator, but never send it to the client.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -282,4 +288,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)

@@ -12,7 +12,11 @@ from testkit.procs import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_CACHE = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout"))
-PY_ENV = {"PYTHONPATH": str(REPO)}
+#: The operations token of gateways started for tests, benchmarks and the demo: with client keys on, their /metrics
+#: and /ui/status.json need it (`server.api.credentials`); `OPS_HEADERS` presents it.
+OPS_TOKEN = "turnout-test-operations-token-0123456789"
+OPS_HEADERS = {"x-turnout-metrics-token": OPS_TOKEN}
+PY_ENV = {"PYTHONPATH": str(REPO), "TURNOUT_METRICS_TOKEN": OPS_TOKEN}
 #: The routing table that ships with the project (see data/llmrouter_9model/NOTICE.md).
 BUNDLED_TABLE = REPO / "data" / "llmrouter_9model" / "data.parquet"
 

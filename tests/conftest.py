@@ -3,6 +3,7 @@ as a real server process. Clients are always the official `openai` SDK."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from server.config import TurnoutConfig, parse_config
 from testkit.engines import (
     ALL_APIS_ARGS,
     ALL_APIS_ENV,
+    OPS_HEADERS,
+    OPS_TOKEN,
     fake_process,
     gateway_process,
     has_avx2,
@@ -30,6 +33,9 @@ from testkit.engines import (
     vllm_ready,
 )
 from testkit.procs import ManagedProcess, free_port
+
+# In-process gateways read the operations token from this process's environment (processes get it in `PY_ENV`).
+os.environ["TURNOUT_METRICS_TOKEN"] = OPS_TOKEN
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,8 @@ async def gateway_in_process(config: TurnoutConfig | dict[str, Any] | Path,
     async with app.router.lifespan_context(app):
         await app.state.gateway.health.visit_all()
         transport = httpx2.ASGITransport(app=app)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        # The operations token rides on every request: /metrics answers tests whether or not keys are on.
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gateway", headers=OPS_HEADERS) as http:
             client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="test", http_client=http,
                                         max_retries=0)
             yield InProcess(app, client, http)

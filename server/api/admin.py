@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
-import math
-import os
 from typing import Any
 
 from fastapi import Request
@@ -13,6 +10,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from server.api.body import read_json
+from server.api.credentials import admin_key_problem
 from server.api.protocol import invalid_body
 from server.api.responses import json_response
 from server.config import ConfigError, KeyConfig
@@ -22,38 +20,6 @@ from server.quota.keystore import add_key, list_keys, revoke_key
 from server.store.base import StoreUnavailable
 
 log = logging.getLogger("turnout.admin")
-
-
-#: The shortest admin key accepted: shorter ones can be guessed, so the admin endpoints stay off with them.
-MIN_ADMIN_KEY_CHARS = 32
-
-
-def _admin_key_problem(request: Request, gw: GatewayState) -> GatewayError | None:
-    """Why `request` may not use the admin endpoints (None: it may): the admin key is the value of the
-    environment variable `server.admin_key_env`, at least `MIN_ADMIN_KEY_CHARS` long; failed attempts are
-    limited (`GuessGuard`: past 10 a minute, every attempt is a 429 until the minute has room again)."""
-    env = gw.config.server.admin_key_env
-    expected = os.environ.get(env)
-    if not expected:
-        return GatewayError(403, f"Admin endpoints are disabled: set {env} in the gateway's environment.",
-                            type="permission_error", code="admin_disabled")
-    if len(expected) < MIN_ADMIN_KEY_CHARS:
-        return GatewayError(403, f"Admin endpoints are disabled: the key in {env} is {len(expected)} characters "
-                                 f"long; at least {MIN_ADMIN_KEY_CHARS} are needed (for instance "
-                                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`).",
-                            type="permission_error", code="admin_disabled")
-    wait = gw.admin_guesses.wait_s()
-    if wait > 0:
-        return GatewayError(429, "Too many failed admin key attempts: admin endpoints refuse every attempt for a "
-                                 "while.", type="rate_limit_exceeded", code="too_many_admin_failures",
-                            headers={"retry-after": str(max(1, math.ceil(wait)))})
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-turnout-admin-key", "")
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-        gw.admin_guesses.failed()
-        return GatewayError(401, "Missing or wrong admin key (Authorization: Bearer <key>).",
-                            type="authentication_error", code="invalid_admin_key")
-    return None
 
 
 async def reload_and_log(gw: GatewayState, trigger: str) -> None:
@@ -75,7 +41,7 @@ async def reload_and_log(gw: GatewayState, trigger: str) -> None:
 async def handle_reload(request: Request, gw: GatewayState) -> Response:
     """`POST /admin/reload`: re-read the config file and swap it in atomically; 400 listing every problem
     (the running config keeps serving) when it is invalid."""
-    problem = _admin_key_problem(request, gw)
+    problem = admin_key_problem(request, gw)
     if problem is not None:
         return error_response(problem)
     try:
@@ -103,7 +69,7 @@ async def handle_keys(request: Request, gw: GatewayState, name: str | None = Non
     """`GET /admin/keys` (every key's rules, never a key or its hash), `POST /admin/keys` (a new stored key:
     its rules in the body; the key is in the answer, once), `DELETE /admin/keys/{name}` (revoke a stored key).
     Admin key required; the store must be reachable."""
-    problem = _admin_key_problem(request, gw)
+    problem = admin_key_problem(request, gw)
     if problem is not None:
         return error_response(problem)
     try:

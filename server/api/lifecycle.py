@@ -106,7 +106,8 @@ class RequestLife:
         if isinstance(result, Streaming):
             self._stream = result
             self.ex.freeze_stream_overhead()
-            return RelayResponse(result.relay, self.end, headers=self.ex.headers())
+            return RelayResponse(result.relay, self.end, headers=self.ex.headers(), deadline=result.relay.deadline,
+                                 on_cut=result.relay.cut_off)
         return EndingResponse(result.content, result.status, self.ex.headers(), self.end)
 
     def respond_empty(self, status: int) -> Response:

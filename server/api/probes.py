@@ -9,18 +9,42 @@ from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
+from server.api.credentials import ops_problem
+from server.errors import GatewayError, error_response
 from server.gateway import GatewayState
+from server.quota.admission import check_access
+from server.quota.keys import KeyRecord
+from server.quota.keystore import authenticate, presented_key
+from server.snapshot import Live, target_names
 from server.upstream.workers import Health
 
 UI_PAGE = Path(__file__).resolve().parent.parent / "ui" / "index.html"
 
 
 async def handle_models(request: Request, gw: GatewayState) -> Response:
-    """`GET /v1/models`: served models, `auto`, and every policy as `turnout/<policy>`."""
+    """`GET /v1/models`: served models, `auto`, and every policy as `turnout/<policy>`. With client keys on, a key
+    is needed (401) and sees only what it may use."""
+    live = gw.live
+    try:
+        key = await authenticate(live.keys, gw.guard, gw.stored_keys, presented_key(request.headers))
+    except GatewayError as err:
+        return error_response(err)
     created = int(getattr(request.app.state, "started_at", time.time()))
-    data = [{"id": mid, "object": "model", "created": created, "owned_by": "turnout"}
-            for mid in gw.live.table.model_ids()]
+    ids = live.table.model_ids()
+    if key is not None:
+        ids = [m for m in ids if _may_use(key, live, m)]
+    data = [{"id": mid, "object": "model", "created": created, "owned_by": "turnout"} for mid in ids]
     return JSONResponse({"object": "list", "data": data})
+
+
+def _may_use(key: KeyRecord, live: Live, model_id: str) -> bool:
+    """Whether `key` may send requests naming `model_id` (a model, `auto` or `turnout/<policy>`)."""
+    policy = live.table.policy_for(model_id, None)
+    try:
+        check_access(key, policy, *target_names(live, model_id))
+    except GatewayError:
+        return False
+    return True
 
 
 async def handle_healthz(request: Request, gw: GatewayState) -> Response:
@@ -49,10 +73,16 @@ async def handle_ui(request: Request, gw: GatewayState) -> Response:
 
 
 async def handle_status(request: Request, gw: GatewayState) -> Response:
-    """`GET /ui/status.json`: the status page's numbers."""
+    """`GET /ui/status.json`: the status page's numbers (with client keys on, the operations token is needed)."""
+    problem = ops_problem(request, gw)
+    if problem is not None:
+        return error_response(problem)
     return JSONResponse(gw.status.snapshot(gw.live.reading()))
 
 
 async def handle_metrics(request: Request, gw: GatewayState) -> Response:
-    """`GET /metrics`: Prometheus metrics."""
+    """`GET /metrics`: Prometheus metrics (with client keys on, the operations token is needed)."""
+    problem = ops_problem(request, gw)
+    if problem is not None:
+        return error_response(problem)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

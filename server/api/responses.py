@@ -9,6 +9,7 @@ collector, so `RelayResponse` does both explicitly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -47,44 +48,64 @@ class EndingResponse(Response):
                 await self._end()
 
 
+#: After the worker's stream had to end (its total timeout), a client still this far behind in reading it is cut off.
+READ_GRACE_S = 10.0
+
+
 class RelayResponse(Response):
-    """Streams `chunks`, stops on client disconnect, and always runs `end` (which closes the upstream)."""
+    """Streams `chunks`, stops on client disconnect, and always runs `end` (which closes the upstream).
+
+    A client that stops reading blocks every write (the socket's buffer is full), and with it the relay's reads from
+    the worker, whose own timeouts are measured between those reads: so the response as a whole must be over
+    `READ_GRACE_S` after `deadline` (the worker stream's total timeout, loop time), or it is cut off and
+    `on_cut(why)` told; the worker's request is closed with it."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterable[bytes], end: End, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterable[bytes], end: End, headers: Mapping[str, str] | None = None,
+                 deadline: float | None = None, on_cut: Callable[[str], None] | None = None) -> None:
         self.chunks, self._end = chunks, end
+        self._deadline, self._on_cut = deadline, on_cut
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = math.inf if self._deadline is None else self._deadline + READ_GRACE_S
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    try:
-                        await send({"type": "http.response.start", "status": self.status_code,
-                                    "headers": self.raw_headers})
-                        async for chunk in self.chunks:
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        # The stream is spent: ending the request now records it before the response ends.
-                        with anyio.CancelScope(shield=True):
-                            await self._end()
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    except OSError:
-                        pass  # the client went away while we wrote (servers that raise on send)
-                    tg.cancel_scope.cancel()
-
-                async def watch() -> None:
-                    await _wait_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(watch)
+            with anyio.CancelScope(deadline=deadline) as limit:
+                await self._relay(receive, send)
+            if limit.cancelled_caught and self._on_cut is not None:
+                self._on_cut(f"the client did not read its stream: cut off {READ_GRACE_S:g} s after the total "
+                             "timeout")
         finally:
             with anyio.CancelScope(shield=True):
                 await self._end()
+
+    async def _relay(self, receive: Receive, send: Send) -> None:
+        """Send the chunks until they end or the client leaves."""
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                try:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                    async for chunk in self.chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # The stream is spent: ending the request now records it before the response ends.
+                    with anyio.CancelScope(shield=True):
+                        await self._end()
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except OSError:
+                    pass  # the client went away while we wrote (servers that raise on send)
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await _wait_disconnect(receive)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            tg.start_soon(watch)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

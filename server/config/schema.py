@@ -147,6 +147,9 @@ class ServerConfig(_Model):
     response_owner_ttl_s: Annotated[float, Field(gt=0)] = 7 * 86400.0
     # The environment variable holding the key of `POST /admin/reload`; unset = admin endpoints disabled.
     admin_key_env: str = Field(default="TURNOUT_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # With client keys on, /metrics and /ui/status.json need this token (or the admin key) as a bearer token: their
+    # labels and figures name keys and costs. At least 32 characters; unset: they answer 403 saying so.
+    metrics_token_env: str = Field(default="TURNOUT_METRICS_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # When the chosen model fails before its first byte (unreachable, timeout, 5xx), try up to this many of the
     # policy's next candidates, in the policy's own order (0: no fallback).
     max_fallbacks: Annotated[int, Field(ge=0, le=10)] = 2
@@ -168,6 +171,15 @@ class ServerConfig(_Model):
     # How long an idle client connection is kept open. Longer than the idle timeout of the load balancers in front
     # (60 s on the common ones), so a balancer never reuses a connection the gateway is closing at that moment.
     keep_alive_s: Annotated[int, Field(ge=1)] = 75
+    # Slow or huge clients (`server.connections`): a request's head must arrive within `header_timeout_s` and be at
+    # most `max_header_bytes`; its body may pause `body_idle_timeout_s` between bytes and take `body_timeout_s` in
+    # all (the 4 MiB `max_body_bytes` at 70 KB/s); past `max_connections` open connections (default: half the
+    # open-file limit) a new one is answered 503 and closed. The server's own settings: a reload cannot change them.
+    header_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    body_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_connections: Annotated[int, Field(ge=1)] | None = None
     # On SIGTERM: stop accepting connections, let requests and streams in flight finish for up to this long,
     # then close.
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0

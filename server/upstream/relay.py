@@ -65,6 +65,16 @@ class StreamRelay:
         self._request_too_long = False  # it ran past the total timeout: the request's length, not the worker
         self.verdict: Verdict = "neutral"
 
+    @property
+    def deadline(self) -> float:
+        """The loop time by which the worker's stream must have ended (its total timeout)."""
+        return self._up.deadline
+
+    def cut_off(self, why: str) -> None:
+        """The client stopped reading: the request ends here (the lifecycle closes the worker's stream)."""
+        if not self._completed:
+            self._ex.status, self._ex.error = Outcome.CLIENT_DISCONNECT, why
+
     async def _next(self) -> bytes:
         """The next raw chunk (b"" at the end), within the idle timeout and the total deadline. The timeout
         is only ever around this read, never across a `yield`: a timeout firing while the consumer sends

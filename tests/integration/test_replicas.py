@@ -18,6 +18,7 @@ import redis
 
 from server.quota.keys import hash_key
 from testkit.clock import DAY_S, fresh_period_wait_s
+from testkit.engines import OPS_HEADERS
 from testkit.promtext import sample_sum
 from testkit.redis_server import RedisServer
 from tests.conftest import Upstream, serve_gateway
@@ -137,7 +138,7 @@ def test_a_per_minute_limit_admits_exactly_n_over_three_replicas(cluster: Cluste
 
 def metric(url: str, name: str) -> float:
     """A sample's value from the gateway's /metrics: `name` may include its labels (as exposed, sorted)."""
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=OPS_HEADERS, timeout=5).text.splitlines():
         if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0

@@ -30,7 +30,7 @@ SERVER_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"fleet"}),
     frozenset({"gateway"}),
     frozenset({"api"}),
-    frozenset({"app"}),
+    frozenset({"app", "connections"}),
     frozenset({"cli"}),
     frozenset({"__main__"}),
 )
