@@ -160,8 +160,32 @@ def markdown(res: dict[str, Any], command: str) -> str:
     lines += ["", f"Target: a 1 MB prompt costs at most {TARGET_RATIO:g}x the CPU of a 10 KB one: **{verdict}** "
               f"({ratio:.2f}x).", "",
               "What a 1 MB prompt still costs beyond the 10 KB one is reading, parsing and forwarding its body "
-              "(linear in its size, in C); routing reads a bounded cut of it (docs/routing.md)."]
+              "(linear in its size, in C); routing reads a bounded cut of it (docs/routing.md).", "",
+              "![CPU per request](big_prompts.png)"]
     return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Bars: each gateway's CPU per request for each prompt size."""
+    import matplotlib  # the train extra's; only the benchmark draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["gateways"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for i, size in enumerate(SIZES):
+        values = [res["gateways"][g]["sizes"][size]["cpu_ms_median"] for g in names]
+        bars = ax.bar([x + (i - 0.5) * width for x in range(len(names))], values, width, label=size)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(names)), [g if g == "current" else f"{g} ({res['baseline']})" for g in names])
+    ax.set_ylabel("gateway CPU per request (ms)")
+    ax.set_title("A 1 MB prompt against a 10 KB prompt (knn, ONNX)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -179,6 +203,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(worktree(args.baseline)) if args.baseline else None
         res = run(args, base)
+    plot(res, args.out.with_suffix(".png"))
     write_results(args.out, res, markdown(res, command))
 
 
