@@ -124,7 +124,7 @@ ROUTES = (
     Route("GET", "/ui/status.json", "ui_status", handle_status,
           "The status page's numbers", {"responses": doc.STATUS_RESPONSES}),
     Route("GET", "/metrics", "metrics", handle_metrics, "Prometheus metrics",
-          {"response_class": PlainTextResponse, "responses": doc.TEXT_RESPONSES}),
+          {"response_class": PlainTextResponse, "responses": doc.METRICS_RESPONSES}),
 )
 
 

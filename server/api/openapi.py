@@ -103,14 +103,16 @@ ROUTING_HEADERS: JSON = {
 _ERRORS: dict[int | str, str] = {
     400: "The body is not JSON, not an object, or breaks the schema (`param` names the field); or the worker "
          "refused it.",
-    401: "Missing or unknown key (client keys when `auth.enabled`; the admin key on `/admin`).",
-    403: "The key may not use this policy or model; or the admin endpoints are disabled.",
+    401: "Missing or unknown key (client keys when `auth.enabled`; the admin key on `/admin`; the operations token "
+         "on `/metrics` and `/ui/status.json` when `auth.enabled`).",
+    403: "The key may not use this policy or model; or the admin endpoints (or, with client keys on, the metrics) "
+         "are disabled until their secret is set.",
     404: "Not found (model, policy, key or request id; see `code`).",
     409: "A key with this name exists (admin); or the one worker holding a stored response cannot be reached "
          "(Responses API).",
     413: "The body is larger than the limit.",
-    429: "The key is over its requests or tokens per minute, or its budget; on `/admin`, too many failed admin "
-         "key attempts (`Retry-After`).",
+    429: "The key is over its requests or tokens per minute, or its budget; on `/admin` and the metrics, too many "
+         "failed admin key or token attempts (`Retry-After`).",
     500: "A bug in the gateway (never expected); no details.",
     502: "The worker is unreachable, refused the gateway's credentials, or answered 5xx.",
     503: "No healthy worker for the model, no free upstream connection, or shared state unavailable "
@@ -265,18 +267,25 @@ REVOKE_KEY_RESPONSES: Responses = {
     **errors(*_ADMIN, 404, 503),
 }
 
-MODELS_RESPONSES = {**ok(ModelList, "Served models, `auto`, and every policy as `turnout/<policy>`."), **errors()}
+MODELS_RESPONSES = {**ok(ModelList, "Served models, `auto`, and every policy as `turnout/<policy>` (with client keys "
+                           "on, those the key may use)."), **errors(401, 503)}
 HEALTHZ_RESPONSES = {**ok(Alive, "The process is alive."), **errors()}
 READYZ_RESPONSES: Responses = {
     **ok(Readiness, "At least one worker is up."),
     503: {"model": Readiness, "description": "No worker is up.", "headers": REQUEST_ID_HEADER},
     **errors(),
 }
-STATUS_RESPONSES = {**ok(StatusSnapshot, "The status page's numbers."), **errors()}
+#: With client keys on, the operations token is needed: 401 without it, 403 while none is set, 429 after guesses.
+STATUS_RESPONSES = {**ok(StatusSnapshot, "The status page's numbers."), **errors(*_ADMIN)}
 #: For the HTML page and the Prometheus text: their media type comes from the route's `response_class`, which
 #: FastAPI would give a `model` too, so their error is spelled out as JSON.
 TEXT_RESPONSES: Responses = {
     200: {"headers": REQUEST_ID_HEADER},
     500: {"description": _ERRORS[500], "headers": REQUEST_ID_HEADER,
           "content": {"application/json": {"schema": inline_schema(ErrorResponse)}}},
+}
+METRICS_RESPONSES: Responses = {
+    **TEXT_RESPONSES,
+    **{s: {"description": _ERRORS[s], "headers": REQUEST_ID_HEADER,
+           "content": {"application/json": {"schema": inline_schema(ErrorResponse)}}} for s in _ADMIN},
 }
