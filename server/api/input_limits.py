@@ -21,8 +21,8 @@ def check_counts(body: Any, srv: ServerConfig) -> None:
     parts = len(body["system"]) if isinstance(body.get("system"), list) else 0  # Anthropic's system blocks
     for name in ("messages", "input"):  # chat's and Anthropic's messages, a Responses request's input items
         items = body.get(name)
-        if not isinstance(items, list) or (items and not isinstance(items[0], dict)):
-            continue  # an embedding's list of texts is not a conversation
+        if not isinstance(items, list) or (name == "input" and items and not isinstance(items[0], dict)):
+            continue  # an embedding's list of texts or tokens is not a conversation
         if len(items) > srv.max_messages:
             raise bad_request(f"'{name}' has {len(items)} items; at most {srv.max_messages} are accepted.", name)
         parts += sum(len(m["content"]) for m in items if isinstance(m, dict) and isinstance(m.get("content"), list))

@@ -148,3 +148,19 @@ async def test_a_large_body_is_taken_in_off_the_event_loop(fakes: dict[str, Upst
             assert r.status_code in (200, 400), r.text
     loop_thread = threading.main_thread().name
     assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
+async def test_a_list_of_bad_items_is_refused_at_its_first(fakes: dict[str, Upstream], fake_reset: None) -> None:
+    """150,000 bad items: the messages refused for their count whatever they are; a Responses input, an embedding
+    input and a prompt validated up to their first bad item (each bad item was validated and reported before:
+    seconds of CPU for one request)."""
+    bad: list[Any] = [None] * 150_000
+    async with gateway_in_process(fake_config(fakes)) as gw:
+        chat = await gw.http.post("/v1/chat/completions", json={"model": "small", "messages": [1] * 150_000})
+        answers = [await gw.http.post(path, json={"model": model, field: bad}) for path, model, field in (
+            ("/v1/responses", "small", "input"), ("/v1/embeddings", "small", "input"),
+            ("/v1/completions", "small", "prompt"))]
+    assert chat.status_code == 400 and "150000 items" in chat.json()["error"]["message"]
+    for r in answers:
+        more = re.search(r"and (\d+) more problem", r.json()["error"]["message"])
+        assert r.status_code == 400 and (more is None or int(more.group(1)) < 10), r.text[:300]
