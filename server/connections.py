@@ -59,6 +59,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _tail = b""  # the last bytes of the head so far: its end may be split across two reads
     _body_deadline = 0.0
+    _waited = False  # at the timer's last expiry the gateway, not the client, was the one waiting
 
     # uvicorn's protocol interface
 
@@ -83,12 +84,16 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._phase == "head" and not self._count_head(data):
             self._refuse(_closing_answer("431 Request Header Fields Too Large"))
             return
+        self._waited = False  # the client is sending: whatever the gateway waited for is over
         super().data_received(data)
         if not self.transport.is_closing():
             self._timer_for(progressed=True)
 
     def on_message_begin(self) -> None:
-        """The parser started a request's head."""
+        """The parser started a request's head: a pipelined one, in the same read as the last one's end, starts
+        its own count and time."""
+        if self._phase == "done":
+            self._start_head()
         self._phase = "head"
         super().on_message_begin()
 
@@ -161,12 +166,16 @@ class GuardedProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._phase == "done":
             return
-        if self._gateway_is_waiting():
-            self._body_deadline = max(self._body_deadline, self.loop.time() + self.body_idle_timeout_s)
-            self._start_timer(min(self.header_timeout_s, self.body_idle_timeout_s))
+        in_body = self._phase == "body"
+        if self._gateway_is_waiting() or self._waited:
+            # While the gateway is the one waiting, look again later; once it no longer is, the client gets a whole
+            # window from then (the `100 Continue` it waited for may have gone out a moment ago).
+            self._waited = self._gateway_is_waiting()
+            window = self.body_idle_timeout_s if in_body else self.header_timeout_s
+            self._body_deadline = max(self._body_deadline, self.loop.time() + window)
+            self._start_timer(min(self.header_timeout_s, self.body_idle_timeout_s) if self._waited else window)
             return
         cycle: Any = self.cycle
-        in_body = self._phase == "body"
         answered = in_body and cycle is not None and cycle.response_started
         if in_body and cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's next receive() says the client left; its answer goes nowhere

@@ -2,8 +2,9 @@
 `/metrics` and the status page's numbers need (their labels and figures name keys, models and costs).
 
 Both are read from the environment at each request, so a rotation needs no reload. Each must be at least
-`MIN_SECRET_CHARS` long (a shorter one leaves its endpoints off, saying why), and failed attempts at either are
-limited together (`GuessGuard`: past 10 a minute, every attempt is a 429 until the minute has room again).
+`MIN_SECRET_CHARS` long (a shorter one leaves its endpoints off, saying why), and a client's failed attempts at
+either are limited together (`GuessGuard`: past 10 a minute from one address, every attempt from it is a 429 until
+the minute has room again).
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _secret(env: str) -> str | None:
 
 def _checked(request: Request, gw: GatewayState, secrets: list[str], header: str, what: str,
              code: str) -> GatewayError | None:
-    """429 while failed attempts are over their limit; 401 unless the request presents one of `secrets`."""
-    wait = gw.admin_guesses.wait_s()
+    """429 while this client's failed attempts are over their limit; 401 unless the request presents one of
+    `secrets`. A request presenting nothing is no guess: it is not counted (an open status page polling without
+    its token must not lock anyone out)."""
+    source = request.client.host if request.client is not None else ""
+    wait = gw.admin_guesses.wait_s(source)
     if wait > 0:
         return GatewayError(429, f"Too many failed {what} attempts: every attempt is refused for a while.",
                             type="rate_limit_exceeded", code="too_many_admin_failures",
                             headers={"retry-after": str(max(1, math.ceil(wait)))})
     given = _presented(request, header).encode()
     if not given or not any(hmac.compare_digest(given, s.encode()) for s in secrets):
-        gw.admin_guesses.failed()
+        if given:
+            gw.admin_guesses.failed(source)
         return GatewayError(401, f"Missing or wrong {what} (Authorization: Bearer <key>).",
                             type="authentication_error", code=code)
     return None

@@ -44,7 +44,8 @@ def _may_use(key: KeyRecord, live: Live, model_id: str) -> bool:
         check_access(key, policy, *target_names(live, model_id))
     except GatewayError:
         return False
-    return True
+    # A policy is usable when the key may reach one of its candidates (the rest are cut: see allowed_candidates).
+    return policy is None or any(key.allows_model(*target_names(live, t)) for t in live.table.routers[policy].targets())
 
 
 async def handle_healthz(request: Request, gw: GatewayState) -> Response:

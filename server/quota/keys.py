@@ -98,23 +98,36 @@ class KeyBook:
 
 
 class GuessGuard:
-    """Failed admin-key attempts in a sliding window: past `limit` failures in `window_s`, every attempt is refused
-    until the window has room again, whatever key it carries, so the key cannot be guessed at speed (a key that
-    went out in a log or a shell history is the other risk; see docs/operations.md)."""
+    """Failed attempts at the admin key or the operations token, per client address, in a sliding window: past
+    `limit` failures in `window_s`, every attempt from that address is refused until the window has room again,
+    whatever it carries, so a secret cannot be guessed at speed (a secret that went out in a log or a shell history
+    is the other risk; see docs/operations.md). Per address, so one client's guesses lock out that client, not the
+    operators."""
+
+    #: Addresses remembered at most; past it the oldest are forgotten (random sources must not grow this unbounded).
+    MAX_SOURCES = 10_000
 
     def __init__(self, limit: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.window_s, self.clock = limit, window_s, clock
-        self._failures: deque[float] = deque()
+        self._failures: dict[str, deque[float]] = {}
 
-    def wait_s(self) -> float:
-        """Seconds until an attempt may be checked again (0: now)."""
-        now = self.clock()
-        while self._failures and now - self._failures[0] >= self.window_s:
-            self._failures.popleft()
-        if len(self._failures) < self.limit:
+    def wait_s(self, source: str = "") -> float:
+        """Seconds until an attempt from `source` may be checked again (0: now)."""
+        failures = self._failures.get(source)
+        if failures is None:
             return 0.0
-        return self.window_s - (now - self._failures[0])
+        now = self.clock()
+        while failures and now - failures[0] >= self.window_s:
+            failures.popleft()
+        if not failures:
+            del self._failures[source]
+            return 0.0
+        if len(failures) < self.limit:
+            return 0.0
+        return self.window_s - (now - failures[0])
 
-    def failed(self) -> None:
-        """Note a failed attempt."""
-        self._failures.append(self.clock())
+    def failed(self, source: str = "") -> None:
+        """Note a failed attempt from `source`."""
+        if source not in self._failures and len(self._failures) >= self.MAX_SOURCES:
+            del self._failures[next(iter(self._failures))]
+        self._failures.setdefault(source, deque()).append(self.clock())

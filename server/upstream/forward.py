@@ -111,13 +111,15 @@ class Forwarder:
         for index, target in enumerate(call.targets):
             for attempt in range(rel.retries + 1):
                 try:
-                    worker = registry.pick(target, avoid=frozenset(tries.failed))
+                    # Panic mode only where no later target (a fallback) has an available worker.
+                    later = any(registry.usable(t) for t in call.targets[index + 1:])
+                    worker = registry.pick(target, avoid=frozenset(tries.failed), panic=not later)
                 except GatewayError as err:  # nothing left for this target (its breakers opened meanwhile)
                     tries.last = tries.last or err  # a worker's own failure stays the reason
                     break
+                self._before_resend(registry, tries, attempt, target, ex)
                 if not worker.available() and self.metrics.enabled:
                     self.metrics.panic_sends.labels(worker.name).inc()
-                self._before_resend(registry, tries, attempt, target, ex)
                 delay = rel.retry_backoff_s * 2 ** (attempt - 1) * random.random() if attempt else 0.0
                 try:
                     return await self._attempt(registry, worker, call, ex, delay)

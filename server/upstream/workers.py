@@ -229,12 +229,15 @@ class WorkerRegistry:
         usable = self.usable(target)
         return min(w.queue() for w in usable) if usable else 0.0
 
-    def pick(self, target: str, avoid: frozenset[str] = frozenset()) -> Worker:
+    def pick(self, target: str, avoid: frozenset[str] = frozenset(), panic: bool = True) -> Worker:
         """The replica for `target`: available (see `Worker.available`), not in `avoid` (replicas that already
         failed this request) unless nothing else is, with room before queueing, then least loaded, random
-        among ties. When none is available: panic mode (`panic_pick`)."""
+        among ties. When none is available: panic mode (`panic_pick`), unless `panic` is False (the request has
+        somewhere better to go: a fallback with an available worker)."""
         usable = self.usable(target)
         if not usable:
+            if not panic:
+                raise no_worker_available(target)
             return self.panic_pick(target, avoid)
         usable = [w for w in usable if w.name not in avoid] or usable
         usable = [w for w in usable if w.gate.has_room()] or usable

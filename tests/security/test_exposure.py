@@ -12,7 +12,7 @@ from tests.conftest import Upstream, fake_config, gateway_in_process
 
 TOKEN = "an-operations-token-long-enough-to-count"
 ADMIN = "an-admin-key-long-enough-to-be-accepted-42"
-KEYS = {"all": "tk-sees-all", "small-only": "tk-sees-small"}
+KEYS = {"all": "tk-sees-all", "small-only": "tk-sees-small", "big-only": "tk-sees-big"}
 
 
 def keyed_config(fakes: dict[str, Upstream]) -> dict[str, object]:
@@ -21,6 +21,7 @@ def keyed_config(fakes: dict[str, Upstream]) -> dict[str, object]:
         {"name": "all", "key_sha256": hash_key(KEYS["all"])},
         {"name": "small-only", "key_sha256": hash_key(KEYS["small-only"]), "models": ["small"],
          "policies": ["cheap"]},
+        {"name": "big-only", "key_sha256": hash_key(KEYS["big-only"]), "models": ["big"]},
     ]}
     return cfg
 
@@ -34,10 +35,14 @@ async def test_models_need_a_key_and_list_what_it_may_use(fakes: dict[str, Upstr
         anonymous = await gw.http.get("/v1/models")
         everything = await gw.http.get("/v1/models", headers=bearer(KEYS["all"]))
         limited = await gw.http.get("/v1/models", headers=bearer(KEYS["small-only"]))
+        big_only = await gw.http.get("/v1/models", headers=bearer(KEYS["big-only"]))
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
     listed = {m["id"] for m in everything.json()["data"]}
     assert {"fake-small", "fake-big", "turnout/cheap"} <= listed
     assert {m["id"] for m in limited.json()["data"]} == {"fake-small", "auto", "turnout/cheap"}  # auto is cheap
+    # `cheap` sends everything to `small`, which this key may not reach: not listed (nor `auto`, which is cheap).
+    seen = {m["id"] for m in big_only.json()["data"]}
+    assert "fake-big" in seen and not {"turnout/cheap", "auto", "fake-small"} & seen
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/ui/status.json"])

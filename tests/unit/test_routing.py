@@ -161,6 +161,8 @@ def test_replica_choice_prefers_idle_and_healthy() -> None:
     # Panic mode: none available, so the least recently failed one not yet tried by this request.
     a1.failed_at, a2.failed_at = 20.0, 10.0
     assert reg.pick("A") is a2 and reg.pick("A", avoid=frozenset({"a2"})) is a1
+    with pytest.raises(GatewayError):  # a fallback with an available worker is the better place
+        reg.pick("A", panic=False)
     with pytest.raises(GatewayError) as exc:
         reg.pick("A", avoid=frozenset({"a1", "a2"}))
     assert exc.value.status == 503
