@@ -222,7 +222,9 @@ def fuzz_schema(gateway: str, routed_ids: list[str], response_ids: list[str]) ->
 
 
 def _headers_for(path: str) -> dict[str, str]:
-    return ADMIN_HEADERS if path.startswith("/admin") else CLIENT_HEADERS
+    """The admin key on the admin endpoints and, with client keys on, on the metrics and the status figures (which
+    take it as the operations token); a client key elsewhere."""
+    return ADMIN_HEADERS if path.startswith("/admin") or path in ("/metrics", "/ui/status.json") else CLIENT_HEADERS
 
 
 ANSWERS: Counter[tuple[str, int]] = Counter()
@@ -371,8 +373,11 @@ SCENARIOS: list[tuple[str, str, str, dict[str, str], Any, int]] = [
      {"model": "big", "prompt": "x", "fake": {"status": 418}}, 418),
     ("worker refuses the request", "POST", "/v1/chat/completions", CLIENT_HEADERS,
      {**CHAT, "max_tokens": 5000}, 400),
-    ("no healthy worker", "POST", "/v1/chat/completions", CLIENT_HEADERS, {**CHAT, "model": "dead"}, 503),
-    ("no healthy worker, route", "POST", "/v1/route", CLIENT_HEADERS, {**CHAT, "model": "turnout/doomed"}, 503),
+    # Panic mode: a model whose only worker is down is tried all the same (and found unreachable); /v1/route
+    # decides for it and lists it as unavailable.
+    ("no healthy worker, tried in panic", "POST", "/v1/chat/completions", CLIENT_HEADERS, {**CHAT, "model": "dead"},
+     502),
+    ("no healthy worker, route", "POST", "/v1/route", CLIENT_HEADERS, {**CHAT, "model": "turnout/doomed"}, 200),
     ("stream broken off by the worker", "POST", "/v1/chat/completions", CLIENT_HEADERS,
      {**CHAT, "stream": True, "fake": {"drop_after": 2}}, 200),
     ("stream with usage", "POST", "/v1/completions", CLIENT_HEADERS,
