@@ -102,10 +102,10 @@ async def test_a_chosen_model_left_without_a_worker_falls_back(fakes: dict[str, 
         registry = gw.app.state.gateway.live.registry
         real_pick = registry.pick
 
-        def pick(target: str, avoid: frozenset[str] = frozenset()) -> Any:
+        def pick(target: str, avoid: frozenset[str] = frozenset(), panic: bool = True) -> Any:
             if registry.resolve(target)[0].model == "fake-small":
                 raise no_worker_available(target)
-            return real_pick(target, avoid)
+            return real_pick(target, avoid, panic)
 
         registry.pick = pick
         fell_back = 0
