@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def send(client: httpx2.Client, url: str, text: str) -> float:
 
 
 @contextlib.contextmanager
-def worktree(ref: str) -> Any:
+def worktree(ref: str) -> Iterator[Path]:
     """A temporary git worktree of `ref` (removed afterwards)."""
     path = Path(tempfile.mkdtemp(prefix="turnout-baseline-"))
     subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=REPO, check=True,

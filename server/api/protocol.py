@@ -31,8 +31,8 @@ from server.errors import GatewayError, bad_request
 from server.policy.options import RouteOptions
 
 T = TypeVar("T")
-#: A list validated up to its first bad item: a list of a million bad items costs what one does (each would
-#: otherwise be validated and reported, seconds of CPU for one request).
+#: A list validated up to its first bad item: a list of many bad items costs what one does (each would otherwise be
+#: validated and reported: 150,000 took 0.8 s of CPU, and a 4 MiB body holds more than ten times as many).
 Items = Annotated[list[T], Field(fail_fast=True)]
 
 

@@ -153,7 +153,7 @@ async def test_a_large_body_is_taken_in_off_the_event_loop(fakes: dict[str, Upst
 async def test_a_list_of_bad_items_is_refused_at_its_first(fakes: dict[str, Upstream], fake_reset: None) -> None:
     """150,000 bad items: the messages refused for their count whatever they are; a Responses input, an embedding
     input and a prompt validated up to their first bad item (each bad item was validated and reported before:
-    seconds of CPU for one request)."""
+    0.8 s of CPU for these 150,000)."""
     bad: list[Any] = [None] * 150_000
     async with gateway_in_process(fake_config(fakes)) as gw:
         chat = await gw.http.post("/v1/chat/completions", json={"model": "small", "messages": [1] * 150_000})
