@@ -1,7 +1,7 @@
 """`make demo`: routing live traffic over nine replayed models of the bundled `llmrouter_9model` table.
 
 What it does, start to end:
-1. trains a `cost_aware` router on the table's training split with the default ONNX embedder (`turnout
+1. trains a `cost_aware` router on the table's training split with the default (static) embedder (`turnout
    train`'s own code; embeddings and the artifact are cached under ~/.cache/turnout, so a second run skips
    this);
 2. starts one replay worker per model (`loadtest.replay_worker`: an OpenAI-compatible server that answers
@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routers.artifacts import ArtifactError, load_artifact
-from routers.embedding.onnx import MINILM_ONNX_ID
+from routers.embedding.static import STATIC_ID
 from routers.offline.commands import run_train
 from routers.offline.dataset import RoutingData, load_table
 from routers.offline.splits import dedupe_within, train_test
@@ -73,13 +73,13 @@ def trained_artifact(table: Path, data: RoutingData, console: Console) -> Path:
     """The demo's cost_aware artifact for this table (trained once, then reused while the table is unchanged)."""
     out = VLLM_CACHE / "demo-artifacts" / f"cost_aware-{data.data_hash[:12]}"
     try:
-        load_artifact(out, embedder_id=MINILM_ONNX_ID, models=data.models)
+        load_artifact(out, embedder_id=STATIC_ID, models=data.models)
         console.print(f"reusing the trained router in {out}")
         return out
     except ArtifactError:
         pass
     console.print("training a cost_aware router on the training split (first run only; embeddings are cached)")
-    run_train(table, "cost_aware", out, "onnx", console)
+    run_train(table, "cost_aware", out, "static", console)
     return out
 
 

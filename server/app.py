@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from threadpoolctl import threadpool_limits
@@ -49,6 +48,7 @@ from server.config import TurnoutConfig, load_config
 from server.errors import install_handlers
 from server.gateway import GatewayState
 from server.telemetry.tracing import start_tracing, stop_tracing
+from server.upstream.client import UpstreamClient
 
 CONFIG_ENV = "TURNOUT_CONFIG"
 Handler = Callable[[Request, GatewayState], Awaitable[Response]]
@@ -139,7 +139,7 @@ def create_app(
     config: TurnoutConfig | None = None,
     *,
     config_path: str | Path | None = None,
-    client: httpx.AsyncClient | None = None,
+    client: UpstreamClient | None = None,
     health_checks: bool = True,
     embedder: Embedder | None = None,
     handle_sighup: bool = False,

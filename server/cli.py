@@ -29,8 +29,8 @@ from server.store.base import StoreUnavailable
 from server.store.redis_store import RedisStore
 
 T = TypeVar("T")
-EMBEDDER_HELP = ("onnx (default), static (distilled from it; fast on CPUs), st:<model path> or "
-                 "openai:<model>@<base url> (a remote /v1/embeddings server)")
+EMBEDDER_HELP = ("static (default: MiniLM's word-piece vectors, fast on CPUs; the gateway's default too), onnx "
+                 "(MiniLM itself), st:<model path> or openai:<model>@<base url> (a remote /v1/embeddings server)")
 
 
 class LogLevel(enum.StrEnum):
@@ -113,7 +113,7 @@ def train_cmd(
     data: Annotated[Path, typer.Option(help="Routing table (parquet, jsonl or csv)")],
     router: Annotated[str, typer.Option(help="knn, cost_aware or bandit")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write")],
-    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "onnx",
+    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "static",
 ) -> None:
     """Train a router on a table's training rows and write a versioned artifact."""
     _need_training_stack()
@@ -139,7 +139,7 @@ def eval_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the cost-quality plot here (PNG)")] = None,
     online: Annotated[bool, typer.Option(help="Also replay the table through the bandit (regret)")] = False,
-    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "onnx",
+    embedder: Annotated[str, typer.Option(help=EMBEDDER_HELP)] = "static",
     seed: Annotated[int, typer.Option(help="Seed of splits and replays")] = 0,
 ) -> None:
     """Train each router on the training rows and report every routing metric on the evaluation rows."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -143,13 +142,13 @@ def upstream_stream_error(worker: str, detail: str) -> GatewayError:
     )
 
 
-def from_httpx(exc: httpx.HTTPError, worker: str) -> GatewayError:
-    """Map an httpx exception raised while talking to `worker`."""
-    if isinstance(exc, httpx.PoolTimeout):
+def from_upstream_failure(kind: str, worker: str) -> GatewayError:
+    """Map the kind of a failed exchange with `worker` (`server.upstream.client.UpstreamFailure.kind`)."""
+    if kind == "busy":
         # Every pooled connection is busy: the gateway is saturated, not the worker slow.
         return GatewayError(503, "The gateway has no free connection to the workers; retry shortly.",
                             type="server_error", code="gateway_busy", headers={"retry-after": "1"})
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+    if kind == "timeout":
         return upstream_timeout(worker)
     return upstream_unreachable(worker)
 

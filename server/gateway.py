@@ -15,8 +15,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from routers.embedding.base import Embedder
 from server.config import ConfigError, TurnoutConfig, load_config
 from server.policy.affinity import AffinityStore
@@ -32,7 +30,7 @@ from server.store.guard import StoreGuard
 from server.telemetry.metrics import Metrics
 from server.telemetry.recorder import Recorder
 from server.telemetry.status import StatusBook
-from server.upstream.client import make_client
+from server.upstream.client import UpstreamClient
 from server.upstream.forward import Forwarder
 from server.upstream.load import LoadMonitor
 from server.upstream.owners import ResponseOwners
@@ -46,10 +44,10 @@ class GatewayState:
     """The gateway's live parts. `live` is replaced whole on reload."""
 
     def __init__(self, config: TurnoutConfig, *, config_path: str | Path | None = None,
-                 client: httpx.AsyncClient | None = None, embedder: Embedder | None = None) -> None:
+                 client: UpstreamClient | None = None, embedder: Embedder | None = None) -> None:
         """Build every part from a validated config (`ConfigError` if a policy cannot be built)."""
         self.config_path = config_path
-        self.client = client or make_client(config.upstream)
+        self.client = client or UpstreamClient(config.upstream)
         self.metrics = Metrics(enabled=config.server.metrics)
         self.forwarder = Forwarder(self.client, self.metrics)
         self.status = StatusBook()

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from routers.embedding.base import Embedder
-from routers.embedding.cache import CachedEmbedder
 from routers.embedding.onnx import MINILM_ONNX_ID, OnnxMiniLMEmbedder
 from routers.embedding.remote import RemoteEmbedder, remote_embedder_id
 from routers.embedding.st import SentenceTransformerEmbedder, st_embedder_id
@@ -49,7 +48,7 @@ def make_embedder(spec: str, cache_dir: Path | None = None) -> Embedder:
     piece vectors distilled from it, see `routers.embedding.static`; its table is kept in `cache_dir` when given), or
     "st:<path or name>" (sentence-transformers) or "openai:<model>@<base url>" (a remote /v1/embeddings server, asked
     once for its dimension; its API key, if any, from the environment variable TURNOUT_EMBEDDER_API_KEY). The
-    result is not cached; wrap it in `CachedEmbedder`."""
+    result is not cached; wrap it in `routers.embedding.cache.CachedEmbedder`."""
     spec = spec.strip()
     if spec.lower() in ("onnx", "minilm"):
         return OnnxMiniLMEmbedder()
@@ -63,8 +62,3 @@ def make_embedder(spec: str, cache_dir: Path | None = None) -> Embedder:
         return RemoteEmbedder(remote[1], remote[0], api_key=os.environ.get(API_KEY_ENV), timeout_s=60.0,
                               retry_after_s=0.0)
     raise ValueError(f"unknown embedder spec {spec!r}: {_SPECS}")
-
-
-def default_embedder() -> Embedder:
-    """The gateway's embedder: the ONNX MiniLM model behind an in-memory LRU cache of exact prompts."""
-    return CachedEmbedder(OnnxMiniLMEmbedder())

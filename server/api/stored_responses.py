@@ -6,7 +6,8 @@ cannot be reached: 409, since no other worker could answer instead."""
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+
 from fastapi import Request
 from starlette.responses import Response
 
@@ -17,6 +18,7 @@ from server.quota.keys import KeyRecord
 from server.quota.keystore import authenticate, presented_key
 from server.snapshot import Live
 from server.telemetry.record import Exchange
+from server.upstream.client import UpstreamFailure
 from server.upstream.owners import Owner
 from server.upstream.relay import OnResponseId
 from server.upstream.workers import Worker
@@ -95,14 +97,16 @@ async def _relay(request: Request, gw: GatewayState, method: str, suffix: str) -
         worker, _ = await owner_of(gw, live, key, response_id)
         url = f"{worker.config.base_url}/responses/{response_id}{suffix}"
         try:
-            resp = await gw.client.request(method, url, params=dict(request.query_params),
-                                           headers={"accept-encoding": "identity", **worker.auth_headers},
-                                           timeout=worker.timeouts.for_httpx())
-        except httpx.HTTPError:
+            to = worker.timeouts
+            async with asyncio.timeout(to.total_s):
+                resp = await gw.client.send(method, url, params=dict(request.query_params),
+                                            headers={"accept-encoding": "identity", **worker.auth_headers},
+                                            timeouts=to.for_client())
+        except (UpstreamFailure, TimeoutError):
             raise worker_unavailable(response_id, worker.name, "cannot be reached") from None
-        if not 200 <= resp.status_code < 300:
-            raise from_upstream_status(worker.name, resp.status_code, resp.content)
+        if not 200 <= resp.status < 300:
+            raise from_upstream_status(worker.name, resp.status, resp.content)
     except GatewayError as err:
         return error_response(err)
-    return Response(resp.content, status_code=resp.status_code, media_type="application/json",
+    return Response(resp.content, status_code=resp.status, media_type="application/json",
                     headers={"x-turnout-model": worker.name})

@@ -119,10 +119,8 @@ class UpstreamConfig(_Model):
     ttft_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     total_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     pool_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
-    max_keepalive_connections: Annotated[int, Field(ge=0)] = 200
     # Below vLLM's (and uvicorn's) 5 s keep-alive, so the pool never reuses a connection the worker
     # is closing at that moment, which would fail the request.
     keepalive_expiry_s: Annotated[float, Field(gt=0)] = 4.0
@@ -188,10 +186,11 @@ class ServerConfig(_Model):
 class EmbedderConfig(_Model):
     """The prompt embedder of learned policies, and its batching and cache."""
 
-    # onnx: MiniLM int8 on the CPU (about 43 ms of CPU for a 66-piece prompt on 2 cores); static: word-piece vectors
-    # distilled from it (tens of microseconds; for CPU-only gateways with many new prompts); st: sentence-transformers;
-    # openai: a remote OpenAI-compatible /v1/embeddings server (e.g. a vLLM pooling worker on a GPU).
-    backend: Literal["onnx", "static", "st", "openai"] = "onnx"
+    # static (the default): word-piece vectors distilled from MiniLM, a fraction of a millisecond of CPU per prompt,
+    # routing within noise of MiniLM on the bundled tables (docs/routing.md); onnx: MiniLM int8 itself (about 43 ms
+    # of CPU for a 66-piece prompt on 2 cores: a 2-core gateway cannot embed 50 new prompts a second with it);
+    # st: sentence-transformers; openai: a remote /v1/embeddings server (e.g. a vLLM pooling worker on a GPU).
+    backend: Literal["onnx", "static", "st", "openai"] = "static"
     # For `st`: a local sentence-transformers model directory (never fetched from a hub).
     model_path: str | None = None
     # For `openai`: the server's base URL (ending in /v1), the served model, its vectors' dimension, and the

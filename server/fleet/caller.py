@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 
 from server.config import TurnoutConfig
@@ -24,7 +23,7 @@ from server.fleet.run import Answer
 from server.outcome import Outcome
 from server.telemetry.metrics import Metrics
 from server.telemetry.record import Exchange
-from server.upstream.client import make_client
+from server.upstream.client import UpstreamClient
 from server.upstream.forward import Call, Forwarder, Streaming
 from server.upstream.sse import DONE, EventSplitter, event_data
 from server.upstream.workers import WorkerRegistry
@@ -59,10 +58,10 @@ class _Reading:
 class FleetCaller:
     """Sends chat completions to the config's models (see the module docstring)."""
 
-    def __init__(self, config: TurnoutConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: TurnoutConfig, client: UpstreamClient | None = None) -> None:
         self.registry = WorkerRegistry(config)
         self._own_client = client is None
-        self.client = client or make_client(config.upstream)
+        self.client = client or UpstreamClient(config.upstream)
         self.forwarder = Forwarder(self.client, Metrics(enabled=False))
         self._no_logprobs: set[str] = set()  # models whose workers refused a request for logprobs
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
 import orjson
 
-from server.errors import GatewayError, bad_request, from_httpx, from_upstream_status, upstream_timeout
+from server.errors import GatewayError, bad_request, from_upstream_failure, from_upstream_status, upstream_timeout
 from server.outcome import Outcome
 from server.telemetry.metrics import Metrics
 from server.telemetry.record import Exchange
 from server.telemetry.tracing import end_upstream, upstream_span
+from server.upstream.client import UpstreamClient, UpstreamFailure, UpstreamStream
 from server.upstream.relay import OnResponseId, OpenedStream, StreamRelay
 from server.upstream.shapes import CHAT, StreamShape, answer_texts
 from server.upstream.workers import Lease, Worker, WorkerRegistry
@@ -97,7 +97,7 @@ class Forwarder:
     """Sends requests to workers through the one pooled client, counting retries, fallbacks and failed
     exchanges in the metrics."""
 
-    def __init__(self, client: httpx.AsyncClient, metrics: Metrics) -> None:
+    def __init__(self, client: UpstreamClient, metrics: Metrics) -> None:
         self.client, self.metrics = client, metrics
 
     async def send(self, registry: WorkerRegistry, call: Call, ex: Exchange) -> Answer | Streaming:
@@ -197,16 +197,16 @@ class Forwarder:
         t = time.perf_counter()
         try:
             async with asyncio.timeout(to.total_s):
-                resp = await self.client.post(worker.config.base_url + path, content=payload, headers=headers,
-                                              timeout=to.for_httpx())
+                resp = await self.client.send("POST", worker.config.base_url + path, content=payload,
+                                              headers=headers, timeouts=to.for_client())
         except TimeoutError:
             raise upstream_timeout(worker.name) from None
-        except httpx.HTTPError as exc:
-            raise from_httpx(exc, worker.name) from None
+        except UpstreamFailure as exc:
+            raise from_upstream_failure(exc.kind, worker.name) from None
         finally:
             ex.upstream_s += time.perf_counter() - t
-        if not 200 <= resp.status_code < 300:
-            raise from_upstream_status(worker.name, resp.status_code, resp.content)
+        if not 200 <= resp.status < 300:
+            raise from_upstream_status(worker.name, resp.status, resp.content)
         try:
             data = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
@@ -217,8 +217,8 @@ class Forwarder:
             ex.response_id = data["id"]  # a Responses API answer: its worker holds it
         if ex.completion_parts is not None and isinstance(data, dict):
             ex.completion_parts.extend(answer_texts(data))
-        ex.http_status = resp.status_code
-        return Answer(resp.content, resp.status_code)
+        ex.http_status = resp.status
+        return Answer(resp.content, resp.status)
 
     async def _open_stream(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str],
                            ex: Exchange) -> OpenedStream:
@@ -226,17 +226,16 @@ class Forwarder:
         answering the client, so that a worker failing before its first token is retried or falls back like
         any other failure before the first byte."""
         to = worker.timeouts
-        request = self.client.build_request("POST", worker.config.base_url + path, content=payload,
-                                            headers=headers, timeout=to.for_httpx())
         deadline = asyncio.get_running_loop().time() + to.total_s
-        resp: httpx.Response | None = None
+        resp: UpstreamStream | None = None
         t = time.perf_counter()
         try:
             async with asyncio.timeout(min(to.ttft_s, to.total_s)):
-                resp = await self.client.send(request, stream=True)
-                if resp.status_code != 200:
-                    raise from_upstream_status(worker.name, resp.status_code, await _read_quietly(resp))
-                chunks = resp.aiter_raw()
+                resp = await self.client.open("POST", worker.config.base_url + path, content=payload,
+                                              headers=headers, timeouts=to.for_client())
+                if resp.status != 200:
+                    raise from_upstream_status(worker.name, resp.status, await _read_quietly(resp))
+                chunks = resp.chunks()
                 first = await anext(chunks, b"")
             if not first:
                 raise GatewayError(502, f"Worker '{worker.name}' ended the stream before its first event.",
@@ -247,8 +246,8 @@ class Forwarder:
                     await resp.aclose()
             if isinstance(exc, TimeoutError):
                 raise upstream_timeout(worker.name) from None
-            if isinstance(exc, httpx.HTTPError):
-                raise from_httpx(exc, worker.name) from None
+            if isinstance(exc, UpstreamFailure):
+                raise from_upstream_failure(exc.kind, worker.name) from None
             raise
         finally:
             ex.upstream_s += time.perf_counter() - t
@@ -276,9 +275,9 @@ class Forwarder:
                     ex.request_id, from_model, err.log_message(), to_model)
 
 
-async def _read_quietly(resp: httpx.Response) -> bytes:
+async def _read_quietly(resp: UpstreamStream) -> bytes:
     """A refused stream's body, for its error message (empty when even that fails)."""
     try:
-        return await resp.aread()
-    except httpx.HTTPError:
+        return await resp.read()
+    except UpstreamFailure:
         return b""

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 from opentelemetry.trace import Span
 
 from server.errors import GatewayError, upstream_stream_error
 from server.outcome import Outcome
 from server.telemetry.record import Exchange
 from server.telemetry.tracing import end_upstream
+from server.upstream.client import UpstreamFailure, UpstreamStream
 from server.upstream.shapes import CHAT, Seen, StreamShape, with_fingerprint
 from server.upstream.sse import EventSplitter, event_data
 from server.upstream.workers import Verdict, Worker
@@ -37,7 +37,7 @@ class OpenedStream:
     the loop time by which the whole stream must end (the worker's total timeout)."""
 
     worker: Worker
-    response: httpx.Response
+    response: UpstreamStream
     chunks: AsyncIterator[bytes]
     first: bytes
     deadline: float
@@ -173,9 +173,9 @@ class StreamRelay:
             if not saw_end:
                 raise upstream_stream_error(self._worker.name, f"the stream ended without {self._shape.last_event}")
             self.verdict = "ok"
-        except (httpx.HTTPError, GatewayError) as exc:
+        except (UpstreamFailure, GatewayError) as exc:
             err = exc if isinstance(exc, GatewayError) else upstream_stream_error(
-                self._worker.name, type(exc).__name__)
+                self._worker.name, exc.detail)
             ex.status, ex.error = Outcome.STREAM_ERROR, err.log_message()
             self.verdict = "neutral" if self._request_too_long else "failed"
             yield self._release() + self._shape.failure(err, self._last_data)
@@ -194,4 +194,4 @@ class StreamRelay:
             if not self._completed and self._ex.status is Outcome.OK:
                 self._ex.status = Outcome.CLIENT_DISCONNECT
             end_upstream(self._span, self.verdict == "ok", None if self.verdict == "ok" else self._ex.status.value,
-                         self._up.response.status_code)
+                         self._up.response.status)

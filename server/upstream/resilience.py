@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
 from server.config import ReliabilityConfig, Timeouts, UpstreamConfig, WorkerConfig
 from server.errors import GatewayError
+from server.upstream.client import UpstreamTimeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,6 @@ class EffectiveTimeouts:
     ttft_s: float
     idle_s: float
     total_s: float
-    write_s: float = 30.0
     pool_s: float = 10.0
 
     @classmethod
@@ -48,13 +46,13 @@ class EffectiveTimeouts:
             ttft_s=own.ttft_timeout_s or upstream.ttft_timeout_s,
             idle_s=own.idle_timeout_s or upstream.idle_timeout_s,
             total_s=own.total_timeout_s or upstream.total_timeout_s,
-            write_s=upstream.write_timeout_s, pool_s=upstream.pool_timeout_s,
+            pool_s=upstream.pool_timeout_s,
         )
 
-    def for_httpx(self) -> httpx.Timeout:
+    def for_client(self) -> UpstreamTimeouts:
         """The HTTP client's per-request timeouts. Reads are bounded more tightly by the callers (TTFT, idle,
         total); the read timeout here is the backstop."""
-        return httpx.Timeout(connect=self.connect_s, read=self.total_s, write=self.write_s, pool=self.pool_s)
+        return UpstreamTimeouts(connect=self.connect_s, read=self.total_s, pool=self.pool_s)
 
 
 class BreakerState(enum.Enum):

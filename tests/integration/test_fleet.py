@@ -183,7 +183,7 @@ def test_the_trained_policy_decides_live_as_eval_does(two_models: Fleet, collect
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert json.loads((f.work / "eval.json").read_text())
     # eval's decisions with the trained artifact: the table embedded as a whole, scored, the argmax rule at lambda 0.
-    data, x, embedder = load_and_embed(table, "onnx", Console(file=io.StringIO()))
+    data, x, embedder = load_and_embed(table, "static", Console(file=io.StringIO()))  # train's default
     router = router_from_artifact("eval", load_artifact(f.work / "art", embedder_id=embedder.id))
     assert isinstance(router, UtilityRouter)
     q, c = router.scores(x, prompt_stats(data.prompts))

@@ -184,6 +184,7 @@ def gateway(offline: Offline, workers: dict[str, Worker], tmp_path_factory: pyte
         "policies": {POLICY: {"type": "knn", "artifact": str(offline.artifact), "lambda": LAMBDA,
                               "models": {m: w.name for m, w in workers.items()}}},
         "default_policy": POLICY,
+        "embedder": {"backend": "onnx"},  # the artifact's, not the default (static)
         "server": {"health_interval_s": 1.0},
     }
     proc, url = serve_gateway(config, Path(tmp_path_factory.mktemp("gw-live-vs-offline")))

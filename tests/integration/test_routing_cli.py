@@ -45,7 +45,7 @@ def test_train_then_load(cache: Path) -> None:
     path = cache / "t.csv"
     table().to_csv(path, index=False)
     res = CliRunner().invoke(app, ["train", "--data", str(path), "--router", "cost_aware", "--out",
-                                   str(cache / "art")])
+                                   str(cache / "art"), "--embedder", "onnx"])
     assert res.exit_code == 0, res.output
     art = load_artifact(cache / "art", embedder_id="all-MiniLM-L6-v2-onnx-int8", models=["m0", "m1", "m2"])
     assert art.router == "cost_aware" and art.meta["rows"] == 96
@@ -58,7 +58,7 @@ def test_eval_writes_report_and_plots(cache: Path) -> None:
     table().to_parquet(path)
     out = cache / "r.json"
     res = CliRunner().invoke(app, ["eval", "--data", str(path), "--json", str(out), "--plot",
-                                   str(cache / "p.png"), "--online"])
+                                   str(cache / "p.png"), "--online", "--embedder", "onnx"])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert set(rep["best_single"]) == {"model", "quality", "cost"} and set(rep["oracle"]) >= {"quality", "cost"}

@@ -134,12 +134,20 @@ def test_the_documented_config_is_valid() -> None:
 
 def test_embedder_backends_and_their_batching_wait() -> None:
     raw = yaml.safe_load(ISSUE_EXAMPLE)
-    assert parse_config(raw).embedder.wait_ms() == 2.0, "a model batches concurrent misses by default"
-    static = parse_config({**raw, "embedder": {"backend": "static"}}).embedder
-    assert static.spec() == "static" and static.wait_ms() == 0.0, "no wait where embedding costs less than one"
+    static = parse_config(raw).embedder
+    assert static.spec() == "static" and static.wait_ms() == 0.0, "the default; no wait where embedding costs less"
+    onnx = parse_config({**raw, "embedder": {"backend": "onnx"}}).embedder
+    assert onnx.wait_ms() == 2.0, "a model batches concurrent misses by default"
     assert parse_config({**raw, "embedder": {"backend": "static", "max_wait_ms": 3}}).embedder.wait_ms() == 3.0
     with pytest.raises(ConfigError, match=r"embedder\.backend"):
         parse_config({**raw, "embedder": {"backend": "word2vec"}})
+
+
+def test_removed_upstream_settings_are_refused_by_name() -> None:
+    raw = yaml.safe_load(ISSUE_EXAMPLE)
+    with pytest.raises(ConfigError) as info:
+        parse_config({**raw, "upstream": {"write_timeout_s": 30, "max_keepalive_connections": 200}})
+    assert "upstream.write_timeout_s" in str(info.value) and "upstream.max_keepalive_connections" in str(info.value)
 
 
 def test_reference_model_defaults_to_the_dearest_and_must_exist() -> None:

@@ -16,9 +16,11 @@ import pytest
 
 from routers.embedding.base import Embedder
 from routers.embedding.cache import CachedEmbedder, corpus_key, embed_corpus
-from routers.embedding.factory import default_embedder, make_embedder
+from routers.embedding.factory import embedder_id, make_embedder
 from routers.embedding.onnx import DEFAULT_TOKENIZER, OnnxMiniLMEmbedder, plan_batches
 from routers.embedding.st import SentenceTransformerEmbedder
+from routers.embedding.static import STATIC_ID
+from server.config import EmbedderConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 384
@@ -184,10 +186,9 @@ def test_make_embedder_and_default() -> None:
     for bad in ("", "st:", "torch", "minilm-fp32"):
         with pytest.raises(ValueError, match="unknown embedder spec"):
             make_embedder(bad)
-    default = default_embedder()
-    assert isinstance(default, CachedEmbedder)
-    assert isinstance(default.inner, OnnxMiniLMEmbedder)
-    assert (default.id, default.dim) == ("all-MiniLM-L6-v2-onnx-int8", DIM)
+    # The gateway's default is the static embedder (docs/routing.md says why); MiniLM stays one setting away.
+    assert embedder_id(EmbedderConfig().spec()) == STATIC_ID
+    assert embedder_id(EmbedderConfig(backend="onnx").spec()) == "all-MiniLM-L6-v2-onnx-int8"
 
 
 def test_importing_the_embedders_needs_no_torch() -> None:

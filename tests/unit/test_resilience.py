@@ -118,4 +118,4 @@ def test_worker_timeouts_override_the_upstream_defaults() -> None:
                                           "timeouts": {"ttft_timeout_s": 120}})
     t = EffectiveTimeouts.of(UpstreamConfig(idle_timeout_s=7), worker)
     assert (t.connect_s, t.ttft_s, t.idle_s, t.total_s) == (5.0, 120.0, 7.0, 600.0)
-    assert t.for_httpx().read == 600.0
+    assert (t.for_client().read, t.for_client().connect, t.for_client().pool) == (600.0, 5.0, 10.0)
