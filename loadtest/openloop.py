@@ -2,13 +2,14 @@
 does, so a slow server builds a queue instead of slowing the generator down. Streaming and not, mixed as a
 scenario file says (`loadtest/scenarios/*.yaml`).
 
-Reports p50/p90/p99 latency, time to first token (streams), the gateway's own `x-turnout-overhead-ms` when the
-server sends it, errors by kind, the rate achieved, and how late requests left against their planned times
-(a generator that falls behind is measuring itself, not the server).
+Reports p50/p90/p99 latency, time to first token and the gaps between a stream's chunks (streams), the
+gateway's own `x-turnout-overhead-ms` when the server sends it, errors by kind, the rate achieved, how late
+requests left against their planned times (a generator that falls behind is measuring itself, not the
+server) and the generator's own CPU per request.
 
-The client is a plain `httpx` connection pool speaking the OpenAI wire format, not the `openai` SDK: the SDK
-costs several milliseconds of CPU per request, which at hundreds of requests per second on a small machine
-would make the generator the bottleneck.
+The client is a plain `aiohttp` connection pool speaking the OpenAI wire format, not the `openai` SDK: the SDK
+(and httpx under it) costs a millisecond or more of CPU per request, which at hundreds of requests per second
+on a small machine would make the generator the bottleneck.
 
     python -m loadtest.openloop --scenario loadtest/scenarios/chat-mixed.yaml --url http://127.0.0.1:8080/v1 \\
         [--rate 50] [--duration 30] [--out loadtest/results/openloop]
@@ -17,17 +18,20 @@ would make the generator the bottleneck.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import collections
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 import orjson
+import uvloop
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +53,9 @@ class Scenario(BaseModel):
     extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every request body
     timeout_s: float = Field(default=60.0, gt=0)
     api_key: str = "x"
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every request (a peer's routing headers)
+    # Make every prompt new (a request number appended), so that no cache of prompts or embeddings is hit.
+    unique_prompts: bool = False
     seed: int = 1
 
 
@@ -71,6 +78,7 @@ class Sample:
     status: int | None = None
     error: str | None = None  # None: a complete success
     stream: bool = False
+    gaps: array.array[float] | None = None  # a stream's times between two content chunks, seconds
 
 
 @dataclass
@@ -81,6 +89,7 @@ class Result:
     url: str
     seconds: float
     samples: list[Sample] = field(default_factory=list)
+    cpu_s: float = 0.0  # the generator's own CPU time over the run
 
     def summary(self) -> dict[str, Any]:
         """Percentiles, rates and errors (milliseconds for times)."""
@@ -106,6 +115,9 @@ class Result:
             "ttft_ms": pct([s.ttft_s for s in ok if s.ttft_s is not None]),
             "overhead_ms": pct(overheads),
             "send_lag_ms": pct([s.lag_s for s in self.samples]),
+            "chunk_gap_ms": pct([g for s in ok if s.gaps is not None for g in s.gaps]),
+            "chunks": sum(len(s.gaps) + 1 for s in ok if s.gaps),
+            "generator_cpu_ms_per_request": self.cpu_s * 1000 / n if n else 0.0,
         }
 
 
@@ -119,67 +131,85 @@ def arrivals(rate: float, duration_s: float, rng: random.Random) -> list[float]:
     return out
 
 
-async def one(http: httpx.AsyncClient, url: str, sc: Scenario, body: dict[str, Any], sample: Sample) -> None:
+async def one(http: aiohttp.ClientSession, url: str, sc: Scenario, body: dict[str, Any], sample: Sample) -> None:
     """Send one request and fill in its sample."""
     t0 = time.perf_counter()
-    headers = {"authorization": f"Bearer {sc.api_key}", "content-type": "application/json"}
+    headers = {"authorization": f"Bearer {sc.api_key}", "content-type": "application/json", **sc.headers}
     try:
-        if sample.stream:
-            async with http.stream("POST", f"{url}/chat/completions", content=orjson.dumps(body),
-                                   headers=headers) as resp:
-                sample.status = resp.status_code
-                done = False
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        done = True
-                    elif sample.ttft_s is None and '"content"' in data:
-                        sample.ttft_s = time.perf_counter() - t0
-                    elif '"error"' in data:
-                        sample.error = "stream_error"
-                if resp.status_code != 200:
-                    sample.error = f"http_{resp.status_code}"
-                elif not done and sample.error is None:
-                    sample.error = "truncated"
-        else:
-            resp = await http.post(f"{url}/chat/completions", content=orjson.dumps(body), headers=headers)
-            sample.status = resp.status_code
-            if resp.status_code != 200:
-                sample.error = f"http_{resp.status_code}"
-        if sample.status == 200 and "x-turnout-overhead-ms" in resp.headers:
-            sample.overhead_ms = float(resp.headers["x-turnout-overhead-ms"])
-    except httpx.TimeoutException:
+        async with http.post(f"{url}/chat/completions", data=orjson.dumps(body), headers=headers) as resp:
+            sample.status = resp.status
+            if sample.stream:
+                await _read_stream(resp, sample, t0)
+            else:
+                await resp.read()
+            if resp.status != 200:
+                sample.error = f"http_{resp.status}"
+            if resp.status == 200 and "x-turnout-overhead-ms" in resp.headers:
+                sample.overhead_ms = float(resp.headers["x-turnout-overhead-ms"])
+    except TimeoutError:
         sample.error = "timeout"
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         sample.error = type(exc).__name__
     sample.latency_s = time.perf_counter() - t0
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, sample: Sample, t0: float) -> None:
+    """Read an SSE answer: time to the first content, the gaps between content events, errors, `[DONE]`."""
+    done = False
+    last: float | None = None
+    gaps: array.array[float] = array.array("d")
+    async for raw in resp.content:  # line by line
+        if not raw.startswith(b"data: "):
+            continue
+        data = raw[6:].rstrip()
+        if data == b"[DONE]":
+            done = True
+        elif b'"content"' in data:
+            now = time.perf_counter()
+            if last is None:
+                sample.ttft_s = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+        elif b'"error"' in data:
+            sample.error = "stream_error"
+    sample.gaps = gaps
+    if resp.status == 200 and not done and sample.error is None:
+        sample.error = "truncated"
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def run(url: str, sc: Scenario) -> Result:
     """Drive `sc` against the OpenAI-compatible API at `url` (ending in /v1)."""
     rng = random.Random(sc.seed)
     plan = arrivals(sc.rate, sc.duration_s, rng)
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
-    async with httpx.AsyncClient(limits=limits, timeout=sc.timeout_s, trust_env=False) as http:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+    timeout = aiohttp.ClientTimeout(total=sc.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as http:
         result = Result(sc, url, 0.0)
         tasks: list[asyncio.Task[None]] = []
-        start = time.perf_counter()
+        cpu0, start = _cpu_s(), time.perf_counter()
         for i, t in enumerate(plan):
             delay = start + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             stream = rng.random() < sc.stream_share
+            prompt = sc.prompts[i % len(sc.prompts)]
+            if sc.unique_prompts:
+                prompt = f"{prompt}\n\n(request {sc.seed}.{i})"
             body: dict[str, Any] = {"model": sc.model, "max_tokens": sc.max_tokens, "stream": stream,
-                                    "messages": [{"role": "user", "content": sc.prompts[i % len(sc.prompts)]}],
-                                    **sc.extra_body}
+                                    "messages": [{"role": "user", "content": prompt}], **sc.extra_body}
             sample = Sample(planned=t, lag_s=max(0.0, time.perf_counter() - start - t), stream=stream)
             result.samples.append(sample)
             tasks.append(asyncio.create_task(one(http, url, sc, body, sample)))
         await asyncio.gather(*tasks)
         # From the start until the last answer came back.
         result.seconds = max(sc.duration_s, time.perf_counter() - start)
+        result.cpu_s = _cpu_s() - cpu0
     return result
 
 
@@ -210,7 +240,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = ap.parse_args()
     sc = load_scenario(args.scenario, rate=args.rate, duration_s=args.duration_s, model=args.model)
-    result = asyncio.run(run(args.url.rstrip("/"), sc))
+    result = uvloop.run(run(args.url.rstrip("/"), sc))
     text = f"# Open-loop load: scenario `{sc.name}`\n\n" + markdown([result])
     if args.out is not None:
         from loadtest.results_io import write_results

@@ -1,7 +1,8 @@
 """Where the gateway's CPU goes: a sampling profile (py-spy) of the gateway at a steady rate, per policy.
 
-For each policy (`fixed`, and `knn` with the ONNX MiniLM embedder on a new prompt every request), a gateway process
-is started in front of nine fake workers answering after `--worker-latency-ms` and warmed up; then chat requests
+For each policy (`fixed`, and `knn` with the default (static) embedder, or `--embedder onnx`, on a new prompt every
+request), a gateway process is started in front of nine workers (one light fake, `loadtest.fast_upstream`, answering
+after `--worker-latency-ms`) and warmed up; then chat requests
 arrive at `--rate` per second, evenly spaced, for `--seconds`, while `py-spy record --pid --nonblocking` samples
 the gateway (from outside: it is never paused; start-up and warm-up are not in the profile). The samples are
 summed per function (self: the function was running; inclusive: it was on the stack) and per area of the code
@@ -34,8 +35,8 @@ from loadtest.overhead import cpu_seconds
 from loadtest.results_io import write_results
 from loadtest.routing_overhead import ensure_artifacts, start, write_config
 from routers.offline.dataset import load_table
-from testkit.engines import BUNDLED_TABLE, REPO, fake_process, gateway_process, table_prices
-from testkit.procs import free_port
+from testkit.engines import BUNDLED_TABLE, PY_ENV, REPO, gateway_process, table_prices
+from testkit.procs import ManagedProcess, free_port
 
 #: Areas of the code, by the first pattern a frame's file matches (checked in order).
 AREAS = (
@@ -166,8 +167,9 @@ def markdown(results: list[dict[str, Any]], command: str, args: argparse.Namespa
     """Per policy: CPU per request, the areas, and the top functions by self and inclusive samples."""
     out = ["# Where the gateway's CPU goes", "",
            f"`{command}`: chat requests evenly spaced for {args.seconds:g} s through a gateway "
-           f"process sampled by py-spy ({args.sample_rate} samples/s, never pausing it), nine fake workers "
-           f"answering after {args.worker_latency_ms:g} ms. `knn` (ONNX MiniLM) gets a prompt it has not seen on "
+           f"process sampled by py-spy ({args.sample_rate} samples/s, never pausing it), nine workers on one light "
+           f"fake answering after {args.worker_latency_ms:g} ms. `knn` ({args.embedder} embedder) gets a prompt it "
+           "has not seen on "
            "every request. Shares are of the samples in which the gateway's Python code was running (self) or "
            "on the stack (inclusive), over all its threads (the embedder runs in its own). Time in C is the calling "
            "Python frame's: `Runner.run`'s self time is the event loop's own (uvloop), `SocketStream.send`'s and "
@@ -190,8 +192,10 @@ def main() -> None:
     """Profile each policy and write the summary as JSON and markdown."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second for `fixed`")
-    ap.add_argument("--routed-rate", type=float, default=25.0,
-                    help="requests per second for `knn` (new prompts: MiniLM on 2 cores keeps up with about 30)")
+    ap.add_argument("--routed-rate", type=float, default=100.0,
+                    help="requests per second for `knn` (new prompts; with --embedder onnx 2 cores keep up with "
+                         "about 30)")
+    ap.add_argument("--embedder", choices=["static", "onnx"], default="static", help="the knn policy's embedder")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--sample-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--worker-latency-ms", type=float, default=50.0)
@@ -202,21 +206,23 @@ def main() -> None:
     args = ap.parse_args()
     command = " ".join(["python -m loadtest.profile_gateway", *sys.argv[1:]])
     data = load_table(args.data)
-    artifacts = ensure_artifacts(args.data, data, False, "onnx")
+    artifacts = ensure_artifacts(args.data, data, False, args.embedder)
     models = sorted(data.models)
     texts = list(dict.fromkeys(data.prompts))
     needed = int(max(args.rate, args.routed_rate) * args.seconds) + 50
     if len(texts) < needed:
         raise SystemExit(f"{len(texts)} distinct prompts, {needed} needed: lower --rate or --seconds")
     tmp = Path(tempfile.mkdtemp(prefix="turnout-profile-"))
-    ports = {m: free_port() for m in models}
+    port = free_port()
+    ports = {m: port for m in models}  # the light fake answers every model
     write_config(tmp / "base.yaml", ports, artifacts, models, table_prices(args.data, models), ("fixed", "knn"),
-                 {"backend": "onnx"})
+                 {"backend": args.embedder})
     results = []
     with contextlib.ExitStack() as stack:
-        for i, m in enumerate(models):
-            start(stack, fake_process(ports[m], m, tmp / f"fake-{i}.log", "--latency-ms",
-                                      str(args.worker_latency_ms)), f"fake worker for {m}")
+        start(stack, ManagedProcess([sys.executable, "-m", "loadtest.fast_upstream", "--port", str(port),
+                                     "--latency-ms", str(args.worker_latency_ms)],
+                                    ready_url=f"http://127.0.0.1:{port}/health", env=PY_ENV, cwd=REPO,
+                                    log_path=tmp / "fake.log", timeout_s=30), "the fake workers")
         for policy in args.policies:
             results.append(profile_policy(policy, args, tmp, texts))
             print(f"{policy}: {results[-1]['cpu_ms_per_request']:.2f} ms CPU per request", flush=True)

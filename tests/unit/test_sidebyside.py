@@ -58,20 +58,20 @@ def test_verdicts_compare_at_rates_both_sustain() -> None:
     def row(rate: float, ours: tuple[bool, float], theirs: tuple[bool, float], direct: bool = True) -> dict[str, Any]:
         return {"rate": rate, "engines": {
             "direct": {"sustained": direct},
-            "turnout-cost-aware": {"sustained": ours[0], "added_ms": {"p99": ours[1]}},
-            "litellm": {"sustained": theirs[0], "added_ms": {"p99": theirs[1]}}}}
+            "turnout-routed": {"sustained": ours[0], "added_ms": {"p99": ours[1]}},
+            "portkey": {"sustained": theirs[0], "added_ms": {"p99": theirs[1]}}}}
 
     met = verdicts([row(10, (True, 5.0), (True, 40.0)), row(25, (True, 9.0), (False, 60.0)),
                     row(50, (True, 20.0), (False, 90.0)), row(100, (False, 90.0), (False, 90.0))])
-    assert met[0].endswith("lower at 1 of 1: met.") and "(10/s)" in met[0]
-    assert met[1].endswith("50/s against 10/s: met.")
+    assert met[0] == "- turnout-routed sustains 50/s (direct 100/s)."
+    assert "(10/s): lower at 1 of 1: met; highest sustained rate 50/s against portkey's 10/s." in met[1]
     worse = verdicts([row(10, (True, 50.0), (True, 40.0)), row(25, (False, 9.0), (True, 60.0))])
-    assert worse[0].endswith("NOT met.") and worse[1].endswith("10/s against 25/s: NOT met.")
-    assert verdicts([row(10, (False, 5.0), (False, 40.0))])[0].endswith("(none): turnout-cost-aware lower at 0 of "
-                                                                         "0: NOT met.")
-    # The upstream saturates first: every engine sustains what direct does, and no ratio can be measured.
+    assert "lower at 0 of 1: NOT met" in worse[1] and "10/s against portkey's 25/s" in worse[1]
+    assert "(none): lower at 0 of 0: NOT met" in verdicts([row(10, (False, 5.0), (False, 40.0))])[1]
+    # The upstream saturates first: what the routed gateway sustains is only a floor.
     bound = verdicts([row(1, (True, 5.0), (True, 40.0)), row(2, (False, 9.0), (False, 60.0), direct=False)])
-    assert bound[1].endswith("not measurable here: the upstream itself sustains no more (direct 1/s).")
+    assert bound[0].endswith("the upstream itself sustains no more, so this is a floor).")
+    assert verdicts([{"rate": 1, "engines": {"direct": {"sustained": True}}}]) == []
 
 
 def test_no_engine_sustains_a_rate_the_upstream_does_not() -> None:
