@@ -103,8 +103,8 @@ PHASES = (
 )
 #: Each gateway's embedder settings (`embedder:` in its config) and the embedder its artifacts are trained with.
 GATEWAYS: dict[str, tuple[dict[str, Any], str]] = {
-    "main": ({}, "onnx"),
-    "nowait": ({"max_wait_ms": 0}, "onnx"),
+    "main": ({"backend": "onnx"}, "onnx"),
+    "nowait": ({"backend": "onnx", "max_wait_ms": 0}, "onnx"),
     "static": ({"backend": "static"}, "static"),
 }
 
@@ -937,6 +937,8 @@ def main() -> None:
                     help="also run knn on a second gateway with embedder.max_wait_ms 0")
     ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
                     help="also run knn and cost_aware on a third gateway with the static embedder")
+    ap.add_argument("--minilm-phases", action=argparse.BooleanOptionalAction, default=True,
+                    help="the learned phases with the MiniLM embedder ((b)-(e)); without them: fixed and static only")
     ap.add_argument("--retrain", action="store_true", help="train the artifacts even when cached")
     ap.add_argument("--quiet-cores", type=float, default=0.3,
                     help="start the run and each block when other processes use at most this many cores...")
@@ -960,7 +962,8 @@ def main() -> None:
 
     data = load_table(args.data)
     phases = [p for p in PHASES if (args.nowait_phase or p.gateway != "nowait")
-              and (args.static_phases or p.gateway != "static")]
+              and (args.static_phases or p.gateway != "static")
+              and (args.minilm_phases or p.gateway == "static" or p.policy == "fixed")]
     gateways = list(dict.fromkeys(["main", *(p.gateway for p in phases)]))
     artifacts = {emb: ensure_artifacts(args.data, data, args.retrain, emb)
                  for emb in dict.fromkeys(GATEWAYS[gw][1] for gw in gateways)}
@@ -1018,6 +1021,7 @@ def main() -> None:
             "config": {"rate_rps": args.rate, "arrivals": args.arrivals, "rounds": args.rounds, "block_s": args.block_s,
                        "warmup_s": blocks[0].seconds, "worker_latency_ms": args.worker_latency_ms,
                        "nowait_phase": args.nowait_phase, "static_phases": args.static_phases,
+                       "minilm_phases": args.minilm_phases,
                        "gateways": gateways, "seed": args.seed, "lambda": LAMBDA,
                        "quiet_cores": args.quiet_cores, "disturbed_cores": args.disturbed_cores,
                        "max_redos": args.max_redos,

@@ -7,11 +7,11 @@ status equal the gateway's `turnout_requests_total` exactly, and measures the ga
 first minute to the last.
 
 With `--routed`, the gateway routes with the `cost_aware` policy (kNN artifact trained on the bundled table)
-and the ONNX embedder, over the table's nine models (each served by two of the three fake workers), and the
-requests carry the table's real prompts, so every request is embedded and scored: the gateway's memory as a
-production deployment runs it.
+and the default (static) embedder, or `--embedder onnx`, over the table's nine models (each served by two of
+the three fake workers), and the requests carry the table's real prompts, so every request is embedded and
+scored: the gateway's memory as a production deployment runs it.
 
-    python -m loadtest.soak [--requests 10000] [--rate 80] [--routed] [--out loadtest/results/soak]
+    python -m loadtest.soak [--requests 10000] [--rate 80] [--routed [--embedder onnx]] [--out PATH]
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ class Routed:
     models: list[str]
     prices: dict[str, float]  # USD per 1M tokens
     prompts: list[str]
+    embedder: str = "static"
 
     @classmethod
-    def from_bundled_table(cls, seed: int) -> Routed:
+    def from_bundled_table(cls, seed: int, embedder: str = "static") -> Routed:
         """The bundled table's artifact (trained on first use, as `loadtest.routing_overhead` does) and its
         unique prompts in a seeded order."""
         from loadtest.routing_overhead import ensure_artifacts
@@ -108,11 +109,11 @@ class Routed:
         from testkit.engines import BUNDLED_TABLE, table_prices
 
         data = load_table(BUNDLED_TABLE)
-        artifact = ensure_artifacts(BUNDLED_TABLE, data, False, "onnx")["cost_aware"]["path"]
+        artifact = ensure_artifacts(BUNDLED_TABLE, data, False, embedder)["cost_aware"]["path"]
         models = sorted(data.models)
         prompts = list(dict.fromkeys(data.prompts))
         random.Random(seed).shuffle(prompts)
-        return cls(artifact, models, table_prices(BUNDLED_TABLE, models), prompts)
+        return cls(artifact, models, table_prices(BUNDLED_TABLE, models), prompts, embedder)
 
 
 class Soak:
@@ -154,15 +155,15 @@ class Soak:
         }
 
     def routed_workers(self) -> dict[str, Any]:
-        """The artifact's models, each on two of the three fake workers, routed by `cost_aware` with the ONNX
-        embedder (the gateway's default embedder settings)."""
+        """The artifact's models, each on two of the three fake workers, routed by `cost_aware` with the soak's
+        embedder (the gateway's default embedder settings otherwise)."""
         assert self.routed is not None
         names = list(self.ports)
         workers = [{"name": f"m{i}-{host}", "model": model, "base_url": f"http://127.0.0.1:{self.ports[host]}/v1",
                     "price": {"input_per_1m": self.routed.prices[model], "output_per_1m": self.routed.prices[model]},
                     "health_url": f"http://127.0.0.1:{self.ports[host]}/health", "max_concurrency": 64}
                    for i, model in enumerate(self.routed.models) for host in (names[i % 3], names[(i + 1) % 3])]
-        return {"workers": workers, "embedder": {"backend": "onnx"},
+        return {"workers": workers, "embedder": {"backend": self.routed.embedder},
                 "policies": {"routed": {"type": "cost_aware", "artifact": self.routed.artifact, "lambda": 0.5}},
                 "default_policy": "routed"}
 
@@ -345,22 +346,24 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--rate", type=float, default=80.0, help="requests per second")
     ap.add_argument("--routed", action="store_true",
-                    help="cost_aware routing with the ONNX embedder over the bundled table's models and prompts")
+                    help="cost_aware routing over the bundled table's models and prompts")
+    ap.add_argument("--embedder", choices=["static", "onnx"], default="static", help="the routed gateway's embedder")
     ap.add_argument("--panic", action=argparse.BooleanOptionalAction, default=True,
                     help="the gateway's panic mode (reliability.panic); --no-panic refuses when no worker is available")
     ap.add_argument("--out", type=Path, default=None,
                     help="default loadtest/results/soak, or soak-routed with --routed")
     args = ap.parse_args()
     out = args.out or REPO / "loadtest" / "results" / ("soak-routed" if args.routed else "soak")
-    routed = Routed.from_bundled_table(seed=7) if args.routed else None
+    routed = Routed.from_bundled_table(seed=7, embedder=args.embedder) if args.routed else None
     result = run_soak(args.requests, args.rate, Path(tempfile.mkdtemp(prefix="turnout-soak-")), routed=routed,
                       panic=args.panic)
     first, last = result.rss_minutes()
     plot(result, out.with_suffix(".png"))
     if routed:
         setup = (f"One gateway process routing with the `cost_aware` policy (artifact trained on the bundled table, "
-                 f"lambda 0.5) and the ONNX embedder (default settings: cache of 10,000 prompts), over the table's "
-                 f"{len(routed.models)} models, each served by two of three fake workers, on {os.cpu_count()} CPUs. "
+                 f"lambda 0.5) and the {routed.embedder} embedder (default settings: cache of 10,000 prompts), "
+                 f"over the table's {len(routed.models)} models, each served by two of three fake workers, on "
+                 f"{os.cpu_count()} CPUs. "
                  f"Prompts: the table's {len(routed.prompts)} unique prompts in a seeded order, cycled.")
         named = "a table model named directly"
     else:
@@ -368,12 +371,13 @@ def main() -> None:
                  f"{os.cpu_count()} CPUs.")
         named = "a model named directly"
     command = f"python -m loadtest.soak --requests {args.requests} --rate {args.rate:g}"
-    command += " --routed" if routed else ""
+    command += (" --routed" + (f" --embedder {routed.embedder}" if routed.embedder != "static" else "")
+                if routed else "")
     command += "" if args.panic else " --no-panic"
     refused = result.client.get("no_healthy_worker", 0)
     lines = [
         f"# Soak: {result.requests} requests at {args.rate:g}/s under worker faults"
-        + (", routed (cost_aware, ONNX embedder)" if routed else ""),
+        + (f", routed (cost_aware, {routed.embedder} embedder)" if routed else ""),
         "",
         setup + " A chaos task gives a random worker a new fault about every second "
         "(500s, hangs, streams cut after 2 chunks, 300 ms answers, or healed) and crashes one (SIGKILL) every "

@@ -19,7 +19,7 @@ from routers.embedding.base import Embedder
 from server.config import ConfigError, TurnoutConfig, load_config
 from server.policy.affinity import AffinityStore
 from server.policy.bandit_sync import BanditSync
-from server.policy.embedding import EmbeddingService, build_embedder
+from server.policy.embedding import STATIC_INLINE_CHARS, EmbeddingService, build_embedder
 from server.policy.feedback import FeedbackBook
 from server.quota.keys import GuessGuard, KeyBook
 from server.quota.keystore import StoredKeys
@@ -87,8 +87,10 @@ class GatewayState:
     @staticmethod
     def _make_embedding(config: TurnoutConfig, embedder: Embedder | None) -> EmbeddingService:
         e = config.embedder
+        inline = STATIC_INLINE_CHARS if embedder is None and e.backend == "static" else 0
         return EmbeddingService(embedder or build_embedder(e), cache_size=e.cache_size,
-                                max_batch=e.max_batch, max_wait_ms=e.wait_ms(), max_chars=e.max_chars)
+                                max_batch=e.max_batch, max_wait_ms=e.wait_ms(), max_chars=e.max_chars,
+                                inline_chars=inline)
 
     def _on_breaker(self, worker: Worker, old: BreakerState, new: BreakerState) -> None:
         self.metrics.breaker_transitions.labels(worker.name, new.name.lower()).inc()

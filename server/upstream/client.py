@@ -105,11 +105,13 @@ class UpstreamStream:
         if self._closed:
             return
         self._closed = True
-        if self._done:
-            self._response.release()
-        else:
-            self._response.close()
-        self._slot.release()
+        try:
+            if self._done:
+                self._response.release()
+            else:
+                self._response.close()
+        finally:
+            self._slot.release()
 
     async def aclose(self) -> None:
         """`close`, for callers that close asynchronously."""
@@ -132,7 +134,9 @@ class UpstreamClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._cfg.keepalive_expiry_s,
                                              enable_cleanup_closed=False)
+            # No cookie jar: a worker's Set-Cookie must not ride along on other tenants' requests.
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
@@ -172,7 +176,7 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        if self._session is not None:
+        session, self._session = self._session, None  # a request arriving meanwhile opens a new session
+        if session is not None:
             with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+                await session.close()

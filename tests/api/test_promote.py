@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from routers.artifacts import save_artifact
-from routers.embedding.onnx import OnnxMiniLMEmbedder
+from routers.embedding.base import Embedder
+from routers.embedding.cache import model_cache_dir
+from routers.embedding.static import StaticEmbedder
 from routers.offline.training import TrainOptions, train
 from server.config import ConfigError, parse_config
 from server.fleet.promote import policy_block, promoted_config
@@ -17,8 +19,8 @@ from tests.conftest import Upstream, fake_config, gateway_in_process
 from tests.routing_fixtures import topic_table, train_artifacts
 
 
-def minilm_artifact(out: Path, emb: OnnxMiniLMEmbedder) -> Path:
-    """A cost_aware artifact trained on the topic table with the gateway's default embedder."""
+def default_artifact(out: Path, emb: Embedder) -> Path:
+    """A cost_aware artifact trained on the topic table with the gateway's default embedder (`emb`)."""
     data = topic_table()
     trained = train("cost_aware", data, emb.embed(data.prompts), emb.id, TrainOptions(cv_folds=3, knn_k=(5, 20)))
     return save_artifact(trained.artifact, out)
@@ -26,8 +28,8 @@ def minilm_artifact(out: Path, emb: OnnxMiniLMEmbedder) -> Path:
 
 @pytest.mark.usefixtures("fake_reset")
 async def test_a_promoted_shadow_is_served(fakes: dict[str, Upstream], tmp_path: Path) -> None:
-    emb = OnnxMiniLMEmbedder()
-    artifact = minilm_artifact(tmp_path / "cost_aware", emb)
+    emb = StaticEmbedder.from_minilm(model_cache_dir())  # the default, which the promoted config's check expects
+    artifact = default_artifact(tmp_path / "cost_aware", emb)
     raw = fake_config(fakes)
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw))

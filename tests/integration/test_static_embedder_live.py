@@ -87,6 +87,7 @@ def test_a_static_artifact_is_refused_by_a_minilm_gateway(trained: tuple[Path, d
         f"policies:\n  smart: {{type: knn, artifact: '{info['artifact']}',"
         f" models: {{{CHEAP}: small, {STRONG}: small}}}}\n"
         "default_policy: smart\n"
+        "embedder: {backend: onnx}\n"
     )
     with pytest.raises(ConfigError, match="embedder"):
         check_config_file(cfg)

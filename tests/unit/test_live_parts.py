@@ -63,6 +63,21 @@ class BrokenEmbedder(TopicEmbedder):
         return super().embed(texts)
 
 
+async def test_short_texts_are_embedded_inline_and_long_ones_batched() -> None:
+    emb = SlowEmbedder()
+    svc = EmbeddingService(emb, cache_size=100, max_wait_ms=0, inline_chars=10)
+    svc.start()
+    try:
+        short = await svc.embed("short")
+        assert svc.batches == 0 and emb.calls == [1], "embedded on the loop, not by the batching thread"
+        assert np.allclose(short.vector, TopicEmbedder().embed(["short"])[0])
+        assert (await svc.embed("short")).cached
+        long = await svc.embed("a text longer than ten characters")
+        assert svc.batches == 1 and not long.cached
+    finally:
+        await svc.stop()
+
+
 async def test_a_failing_batch_fails_its_waiters_and_the_service_goes_on() -> None:
     svc = EmbeddingService(BrokenEmbedder(), max_wait_ms=0)
     svc.start()

@@ -152,3 +152,33 @@ async def test_a_failed_send_gives_its_slot_back() -> None:
                                   timeouts=UpstreamTimeouts(connect=2.0, read=2.0, pool=0.2))
     finally:
         await client.aclose()
+
+
+async def test_a_read_cancelled_mid_stream_gives_its_slot_back_on_close() -> None:
+    async def stream_slowly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"b\r\ndata: one\n\n\r\n")
+        await writer.drain()
+        await reader.read()  # nothing more until the client goes away
+
+    client = UpstreamClient(UpstreamConfig(max_connections=1))
+    try:
+        async with serving(stream_slowly) as url:
+            stream = await client.open("POST", url + "/v1/x", content=b"{}", timeouts=TIMEOUTS)
+            chunks = stream.chunks()
+            assert await anext(chunks) == b"data: one\n\n"
+            async def next_chunk() -> bytes:
+                return await anext(chunks)
+
+            reading = asyncio.create_task(next_chunk())
+            await asyncio.sleep(0.05)
+            reading.cancel()  # the client left while the worker was still generating
+            await asyncio.gather(reading, return_exceptions=True)
+            await stream.aclose()
+        async with serving(answer_ok) as url:
+            answer = await client.send("POST", url + "/v1/x", content=b"{}",
+                                       timeouts=UpstreamTimeouts(connect=2.0, read=2.0, pool=0.5))
+            assert answer.status == 200, "the one slot came back"
+    finally:
+        await client.aclose()
