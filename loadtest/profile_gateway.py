@@ -43,7 +43,7 @@ AREAS = (
     ("embedding (onnxruntime, tokenizers)", r"onnxruntime|tokenizers|routers/embedding"),
     ("routing policies (routers/)", r"/routers/"),
     ("numpy, scikit-learn", r"/numpy/|/sklearn/|/scipy/|threadpoolctl"),
-    ("upstream client (httpx, httpcore, h11, anyio)", r"/httpx/|/httpcore/|/h11/|/anyio/"),
+    ("upstream client (aiohttp, multidict, yarl)", r"/aiohttp/|/multidict/|/yarl/|/aiohappyeyeballs/|/propcache/"),
     ("HTTP server (uvicorn, httptools)", r"/uvicorn/|httptools|server/connections\.py"),
     ("framework (starlette, fastapi)", r"/starlette/|/fastapi/"),
     ("validation (pydantic)", r"/pydantic"),
@@ -171,9 +171,9 @@ def markdown(results: list[dict[str, Any]], command: str, args: argparse.Namespa
            f"fake answering after {args.worker_latency_ms:g} ms. `knn` ({args.embedder} embedder) gets a prompt it "
            "has not seen on "
            "every request. Shares are of the samples in which the gateway's Python code was running (self) or "
-           "on the stack (inclusive), over all its threads (the embedder runs in its own). Time in C is the calling "
-           "Python frame's: `Runner.run`'s self time is the event loop's own (uvloop), `SocketStream.send`'s and "
-           "`RequestResponseCycle.send`'s the socket writes.", ""]
+           "on the stack (inclusive), over all its threads. Time in C is the calling Python frame's: `Runner.run`'s "
+           "self time is the event loop's own (uvloop), `StreamWriter._writelines`'s (aiohttp) and "
+           "`RequestResponseCycle.send`'s (uvicorn) the socket writes.", ""]
     for r in results:
         out += [f"## `{r['policy']}` at {r['rate']:g} requests/s", "",
                 f"{r['answered']} answered, {r['failed']} failed in {r['wall_s']:.1f} s; gateway CPU "
