@@ -7,7 +7,8 @@ aiohttp client whose own CPU is reported) at rising rates until each engine satu
 at each rate, in an order rotated at every rate. Non-streamed or, with `--stream`, every request streamed.
 
 An engine sustains a rate when fewer than 1% of its requests fail, its p99 latency is within 2x of direct's at
-that rate, and it completes at least 95% of the offered rate. Added latency = the engine's percentile minus
+that rate, and it completes at least 95% of the offered rate; it stops after two rates in a row it did not
+sustain, and its highest sustained rate is the highest it sustained. Added latency = the engine's percentile minus
 direct's at the same rate; for streams, the gaps between two chunks are compared the same way.
 
 Two upstreams, one per run (`--upstream`):
@@ -308,11 +309,15 @@ def main() -> None:
                 row["engines"][name] = summary
                 time.sleep(1.0)  # let the last answers and closes settle before the next engine
             judge(row)
-            saturated |= {name for name, s in row["engines"].items() if name != "direct" and not s["sustained"]}
             results.append(row)
+            # An engine leaves after two rates in a row it did not sustain: one bad step on this shared machine
+            # (another process's burst) must not end an engine's run.
+            saturated |= {name for name in row["engines"] if name != "direct" and len(results) >= 2
+                          and not any(r["engines"].get(name, {}).get("sustained", True) for r in results[-2:])}
             print(json.dumps({"rate": rate, **{n: (round(s["achieved_rps"], 1), s["error_rate"],
                                                  s["latency_ms"] and round(s["latency_ms"]["p99"], 1),
                                                  s["cpu_ms_per_request"] and round(s["cpu_ms_per_request"], 2),
+                                                 s["overhead_ms"] and round(s["overhead_ms"]["p99"], 1),
                                                  s["sustained"])
                                                 for n, s in row["engines"].items()}}), flush=True)
             if all(n in saturated for n in engines if n != "direct"):

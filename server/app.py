@@ -5,6 +5,7 @@ lifespan (`server.gateway`), never at import."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -135,6 +136,15 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
+def _freeze_heap() -> None:
+    """Collect, then freeze what the start-up left (modules, config, policies): Python's full collections then no
+    longer walk those objects. A full collection of a started gateway's 97,000 tracked objects took 63-79 ms, during
+    which the event loop served nothing: the side-by-side benchmark saw p99 latencies of twice direct's while the
+    gateway's own time stayed under 6 ms. Frozen, a full collection took 1 ms (both measured in one process)."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     config: TurnoutConfig | None = None,
     *,
@@ -143,13 +153,16 @@ def create_app(
     health_checks: bool = True,
     embedder: Embedder | None = None,
     handle_sighup: bool = False,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """Build the gateway app from a config object, a config file, or the file named by `TURNOUT_CONFIG`.
 
     `config_path` is also what a reload re-reads (with `config` given too, `config` is what starts).
     `client` replaces the pooled upstream client (tests use it to reach in-process fakes);
     `health_checks=False` skips the background health and load polling; `embedder` replaces the
-    configured embedder; `handle_sighup` makes SIGHUP reload the config file.
+    configured embedder; `handle_sighup` makes SIGHUP reload the config file; `freeze_heap` moves every object
+    alive once the gateway has started out of the garbage collector's sight (`gc.freeze`, for the server process,
+    see `_freeze_heap`).
     """
 
     @asynccontextmanager
@@ -168,6 +181,8 @@ def create_app(
         app.state.gateway, app.state.started_at = state, time.time()
         state.start(background_checks=health_checks)
         traces = start_tracing()  # only when the OTEL_* variables ask for it
+        if freeze_heap:
+            _freeze_heap()
         try:
             with _reload_on_sighup(state, enabled=bool(handle_sighup and path)):
                 yield

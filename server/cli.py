@@ -86,7 +86,7 @@ def serve(
     logging.basicConfig(level=log_level.value.upper(), format="%(message)s")
     # httpx logs every upstream request at INFO; the request log already has one line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app_ = create_app(cfg, config_path=path, handle_sighup=True)
+    app_ = create_app(cfg, config_path=path, handle_sighup=True, freeze_heap=True)
     # SIGTERM: uvicorn stops accepting connections, lets requests and streams in flight finish for up to
     # the drain timeout, then closes them (the config at start decides it; a reload cannot change it).
     # Slow and huge clients are limited by the protocol class (`server.connections`); the gateway serves no
