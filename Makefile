@@ -60,7 +60,8 @@ demo-fleet: venv vllm
 bench: venv
 	$(BIN)/python -m loadtest.overhead --requests 1000
 
-# Turnout beside the LiteLLM proxy (installed into its own virtualenv on first use) at rising rates.
+# Turnout beside a bare proxy, the LiteLLM proxy, the Portkey gateway and vllm-router (each installed under
+# ~/.cache/turnout on first use by loadtest/*-setup.sh) at rising rates.
 bench-sidebyside: venv
 	$(BIN)/python -m loadtest.sidebyside
 

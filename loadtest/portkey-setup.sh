@@ -9,7 +9,13 @@ DIR="$CACHE/portkey-gateway"
 VERSION=1.15.2
 STAMP="$DIR/.turnout-ready-$VERSION"
 [ -f "$STAMP" ] && exit 0
-command -v npm > /dev/null || { echo "[portkey] npm is needed (Debian's nodejs and npm)"; exit 1; }
+if ! command -v npm > /dev/null; then
+    echo "[portkey] installing Debian's nodejs and npm (log: /tmp/turnout-apt.log)"
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    { $sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends \
+        nodejs npm; } > /tmp/turnout-apt.log 2>&1 || { tail -30 /tmp/turnout-apt.log; exit 1; }
+fi
 echo "[portkey] installing @portkey-ai/gateway@$VERSION into $DIR"
 mkdir -p "$DIR"
 cat > "$DIR/package.json" <<JSON

@@ -863,9 +863,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   f"{bw['routing_ms_p90_wait_2ms']:.3f} / {bw['routing_ms_p99_wait_2ms']:.3f}; with 0: "
                   f"{bw['routing_ms_p50_nowait']:.3f} / {bw['routing_ms_p90_nowait']:.3f} / "
                   f"{bw['routing_ms_p99_nowait']:.3f}."]
+    unique = next(p for p in ph.values() if p["prompts"].startswith("unique"))  # any: the buckets are the same
     lines += ["", "## Routing ms by prompt length (word pieces as embedded), cache misses", "",
-              "| phase | " + " | ".join(f"{k} pieces: p50 / p99 (n)" for k in ph["knn_unique"]
-                                       ["routing_ms_by_word_pieces"]) + " | mean pieces |",
+              "| phase | " + " | ".join(f"{k} pieces: p50 / p99 (n)" for k in unique["routing_ms_by_word_pieces"])
+              + " | mean pieces |",
               "|---|" + "---|" * (len(PIECE_BUCKETS) + 1)]
     for p in ph.values():
         if not p["prompts"].startswith("unique"):

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -192,6 +193,8 @@ def sustains(s: dict[str, Any], direct: dict[str, Any]) -> bool:
 
 def main() -> None:
     """Run the benchmark; write JSON, markdown and a plot."""
+    # SIGTERM ends the run as Ctrl-C does, through the exit stack, so no engine or upstream outlives it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fake")
     ap.add_argument("--stream", action="store_true", help="stream every request")
