@@ -9,6 +9,7 @@ benchmark's measure of what Turnout's own work costs above the stack.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,7 @@ def make_app(upstream: str) -> Starlette:
         session["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0))
         yield
         await session["s"].close()
+        await asyncio.sleep(0)  # let the closed connections' sockets close before the loop ends
 
     async def chat(request: Request) -> Response:
         body = await request.body()

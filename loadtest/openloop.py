@@ -213,6 +213,7 @@ async def run(url: str, sc: Scenario) -> Result:
         # From the start until the last answer came back.
         result.seconds = max(sc.duration_s, time.perf_counter() - start)
         result.cpu_s = _cpu_s() - cpu0
+    await asyncio.sleep(0)  # let the closed connections' sockets close before the loop ends
     return result
 
 

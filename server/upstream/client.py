@@ -180,3 +180,6 @@ class UpstreamClient:
         if session is not None:
             with contextlib.suppress(Exception):
                 await session.close()
+            # The connections' sockets are closed by callbacks the close scheduled: let them run before the loop
+            # can end (else a closed loop leaves sockets open until garbage collection; aiohttp's advice).
+            await asyncio.sleep(0)
